@@ -1,0 +1,104 @@
+"""DeepSpeed config resolution and engine construction for one model level.
+
+The JSONs in ds_configs/ hold what is DeepSpeed's business (ZeRO stage, bucket sizes, monitor);
+values written "auto" there are filled from the run config, so batch size, clipping and dtype
+are set in one place. A concrete value that disagrees with the run config is an error rather than
+a silent winner. The optimizer is torch's AdamW passed to ``deepspeed.initialize`` (no JIT-built
+fused Adam on CPU; on CUDA torch's fused kernel is used).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..models import build_model, resolve_dtype
+from .. import runtime
+
+
+def _fill(ds: dict, key: str, value: Any, field: str) -> None:
+    current = ds.get(key, "auto")
+    if current == "auto":
+        ds[key] = value
+    elif current != value:
+        raise ConfigError(f"{field}: {value!r} disagrees with {key}={current!r} in the DeepSpeed config; "
+                          f"set {key} to \"auto\" there or make them equal")
+
+
+def resolve_ds_config(cfg: TrainConfig, dp_world: int) -> dict:
+    """The DeepSpeed config dict for this run, with every "auto" filled."""
+    ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", o.micro_batch_size, "optim.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", o.grad_accum, "optim.grad_accum")
+    _fill(ds, "train_batch_size", o.micro_batch_size * o.grad_accum * dp_world, "optim.micro_batch_size")
+    _fill(ds, "gradient_clipping", o.grad_clip, "optim.grad_clip")
+    bf16 = resolve_dtype(cfg.model.dtype) == torch.bfloat16
+    ds.setdefault("bf16", {})
+    _fill(ds["bf16"], "enabled", bf16, "model.dtype")
+    if "optimizer" in ds:
+        raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config} has an \"optimizer\" section; remove it, "
+                          "ds_accel builds AdamW from the optim section (it is rebuilt at every level)")
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    out = Path(cfg.run.output_dir)
+    for monitor in ("tensorboard", "csv_monitor"):
+        if ds.get(monitor, {}).get("output_path") == "auto":
+            ds[monitor]["output_path"] = str(out / "monitor")
+            ds[monitor].setdefault("job_name", monitor)
+    stage = zero_stage(ds)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.config: zero_optimization.stage must be 0-3, got {stage}")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def new_model(conf, ds: dict, seed: int, pretrained: str | None = None) -> torch.nn.Module:
+    """A model of this shape, partitioned at construction under ZeRO-3 (each rank builds its shard)."""
+    if pretrained is not None and zero_stage(ds) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds)  # makes from_pretrained load straight into zero.Init shards
+        model = build_model(conf, pretrained, seed)
+        del keep_alive
+        return model
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
+        return build_model(conf, pretrained, seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if getattr(p, "ds_shape", p.shape).__len__() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
+    """``deepspeed.initialize`` with a fresh AdamW (the V-cycle's optimizer policy is `fresh`)."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  fused=None if runtime.on_cpu() else True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds))
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def free_engine(engine) -> None:
+    """Release an engine's hooks, partitions and buffers before the next level's engine grows."""
+    engine.destroy()
+    gc.collect()

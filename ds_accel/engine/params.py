@@ -1,0 +1,62 @@
+"""Full-parameter access that works the same under ZeRO 0, 1, 2 and 3, in fp32 or bf16.
+
+Reads return the fp32 master weight where DeepSpeed keeps one (``safe_get_full_fp32_param``), so
+a level transition never rounds through the 16-bit copy; writes set both the master and the
+16-bit model copy. Both are collective under ZeRO (all-reduce of fragments / gather of shards):
+every rank must call them for the same parameters in the same order, one parameter at a time,
+which is what bounds a transition's extra memory to about one parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed import zero
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+
+def is_zero3(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def full_param(p: torch.nn.Parameter) -> torch.Tensor:
+    """The whole parameter in fp32 on every rank (a fresh tensor, safe to keep)."""
+    master = safe_get_full_fp32_param(p)
+    if master is not None:
+        return master.detach().float().clone()
+    if is_zero3(p):  # before the first optimizer step a ZeRO-3 param may have no optimizer yet
+        with zero.GatheredParameters([p]):
+            return p.detach().float().clone()
+    return p.detach().float().clone()
+
+
+def set_full_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write ``value`` into the master weight (if any) and into the model's own copy."""
+    safe_set_full_fp32_param(p, value.float())
+    if is_zero3(p):
+        with zero.GatheredParameters([p], modifier_rank=None):
+            p.data.copy_(value.to(p.dtype))
+    else:
+        p.data.copy_(value.to(p.dtype))
+
+
+def shard_of(value: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous 1/world of the flattened tensor (the last shard may be shorter)."""
+    flat = value.reshape(-1)
+    size = -(-flat.numel() // world)
+    return flat[rank * size:(rank + 1) * size].clone()
+
+
+def unshard(shard: torch.Tensor, shape: torch.Size, group=None) -> torch.Tensor:
+    """Inverse of :func:`shard_of`: all-gather the shards of every rank and restore ``shape``."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    numel = int(torch.Size(shape).numel())
+    size = -(-numel // world)
+    padded = torch.zeros(size, dtype=shard.dtype, device=shard.device)
+    padded[:shard.numel()] = shard
+    if world == 1:
+        return padded[:numel].reshape(shape)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts)[:numel].reshape(shape)

@@ -1,0 +1,238 @@
+"""The training loop: dense, V-cycle (multi-level) and SAT continual pretraining on DeepSpeed.
+
+One function, :func:`train`, reads top to bottom: build the level's engine, run its steps (each
+step: SAT selection, micro-batches, optimizer step, metrics, validation, checkpoint), then move to
+the next V-cycle stage, and at the end export a HF directory and plot the losses. The same code
+runs as one process and under the ``deepspeed`` launcher; all ZeRO/engine knowledge lives in
+``ds_accel.engine``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, runtime
+from .config import TrainConfig
+from .data import BlockSampler, Corpus, load_tokenizer, prepare
+from .engine.build import free_engine, make_engine, new_model, resolve_ds_config, set_lr
+from .engine.export import export_hf
+from .engine.transitions import coalesce_into, decoalesce_into, keep_shards
+from .flops import train_flops
+from .metrics import MetricsLog, plot_losses
+from .models import count_params, model_config
+from .multilevel.operators import level_map
+from .multilevel.vcycle import Stage, plan
+
+
+@dataclass
+class RunState:
+    """Everything besides the engine that a resumed run needs to continue exactly."""
+
+    step: int = 0  # global optimizer steps done; also the data position (the sampler is deterministic)
+    stage: int = 0  # V-cycle stage index
+    tokens: int = 0
+    flops: float = 0.0
+    wall_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_at(cfg: TrainConfig, step: int, scale: float) -> float:
+    """Linear warm-up then cosine to ``lr * min_lr_ratio`` over the whole run, times the level's scale."""
+    o, total = cfg.optim, cfg.run.total_steps
+    if step < o.warmup_steps:
+        factor = (step + 1) / o.warmup_steps
+    else:
+        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        factor = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return o.lr * scale * factor
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, val: torch.Tensor, cfg: TrainConfig) -> float:
+    """Mean validation loss over a fixed set of blocks, split evenly over ranks (every rank runs the
+    same number of forwards, which ZeRO-3's collective gathers need)."""
+    rank, world, micro = runtime.rank(), runtime.world_size(), cfg.optim.micro_batch_size
+    n_batches = max(1, min(cfg.run.eval_batches, len(val) // (micro * world)))
+    engine.eval()
+    total = 0.0
+    for b in range(n_batches):
+        start = (b * world + rank) * micro
+        x = val[start:start + micro].to(runtime.device())
+        total += engine(input_ids=x, labels=x).loss.float().item()
+    engine.train()
+    return _mean_over_ranks(total / n_batches)
+
+
+def _prepare_data(cfg: TrainConfig) -> Corpus:
+    """Rank 0 trains the tokenizer and packs the corpus into the cache; the others then read it."""
+    if runtime.rank() == 0:
+        corpus = prepare(cfg.data)
+    if dist.is_initialized():
+        dist.barrier()
+    return corpus if runtime.rank() == 0 else prepare(cfg.data)
+
+
+def _sat_controller(cfg: TrainConfig, model):
+    if not cfg.sat.enabled:
+        return None
+    from .engine.sat import SATController
+
+    return SATController(cfg.sat, model, cfg.run.total_steps, cfg.run.seed)
+
+
+def _level_maps(cfg: TrainConfig, stages: list[Stage]):
+    """The operator map between level k and k+1, keyed by the deeper level."""
+    ml = cfg.multilevel
+    configs = {s.level: s.config for s in stages}
+    return {lv: level_map(configs[lv - 1], ml.width_factor, ml.depth_factor, ml.pairing)
+            for lv in configs if lv > 1}
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the configured training; returns the final metrics. Collective: call on every rank."""
+    runtime.init_distributed()
+    rank, world = runtime.rank(), runtime.world_size()
+    out = Path(cfg.run.output_dir)
+    ckpt_root = out / "checkpoints"
+    corpus = _prepare_data(cfg)
+    stages = plan(model_config(cfg.model, corpus.vocab_size), cfg.multilevel, cfg.run.total_steps)
+    ds = resolve_ds_config(cfg, world)
+    maps = _level_maps(cfg, stages) if cfg.multilevel.enabled else {}
+    o = cfg.optim
+    sampler = BlockSampler(len(corpus.train), o.micro_batch_size, o.grad_accum, world, cfg.run.seed)
+    tokens_per_step = sampler.global_batch * cfg.data.seq_len
+
+    state, kept = RunState(), {}
+    tag = checkpoint.latest(ckpt_root) if resume else None
+    if tag is not None:
+        state = RunState(**checkpoint.read_run_state(ckpt_root, tag))
+    stage = stages[state.stage]
+    pretrained = cfg.model.pretrained if stage.level == 1 and tag is None else None
+    engine = make_engine(new_model(stage.config, ds, cfg.run.seed, pretrained), cfg, ds)
+    sat = _sat_controller(cfg, engine.module)
+    if tag is not None:
+        extra = checkpoint.load(engine, ckpt_root, tag)
+        kept = extra["kept"]
+        if sat is not None:
+            sat.load_state_dict(extra["sat"])
+    log = MetricsLog(out, state.history, enabled=rank == 0)
+    bar = _progress(cfg, state.step) if rank == 0 else None
+
+    def save() -> None:
+        state.history = log.rows
+        extra = {"kept": kept, "sat": sat.state_dict() if sat else None}
+        checkpoint.save(engine, ckpt_root, state.step, vars(state), extra, cfg.run.keep_checkpoints)
+
+    while True:
+        while state.step < stage.end:
+            if stop_after is not None and state.step >= stop_after:
+                save()
+                return {"stopped_at": state.step}
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, state.step, stage.lr_scale)
+            set_lr(engine, lr)
+            rate = sat.begin_step(state.step) if sat else 0.0
+            loss = 0.0
+            for micro_step in range(o.grad_accum):
+                x = corpus.train[sampler.indices(state.step, micro_step, rank)].to(runtime.device())
+                with sat.omitting() if sat else nullcontext():
+                    step_loss = engine(input_ids=x, labels=x).loss
+                    engine.backward(step_loss)
+                loss += step_loss.item() / o.grad_accum
+                with sat.guard_optimizer(engine) if sat and micro_step == o.grad_accum - 1 else nullcontext():
+                    engine.step()
+            widths = sat.widths() if sat else None
+            step_flops = train_flops(stage.config, tokens_per_step, cfg.data.seq_len, widths)
+            dt = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += tokens_per_step
+            state.flops += step_flops
+            state.wall_s += dt
+            loss = _mean_over_ranks(loss)
+            row: dict[str, Any] = {}
+            if state.step % cfg.run.log_every == 0 or state.step == cfg.run.total_steps:
+                row = {"loss": loss, "lr": lr, "level": stage.level, "omission_rate": rate,
+                       "tokens_per_s": tokens_per_step / dt, "step_flops": step_flops}
+            if state.step % cfg.run.eval_every == 0 or state.step == cfg.run.total_steps:
+                row["val_loss"] = evaluate(engine, corpus.val, cfg)
+            if row:
+                log.log({"step": state.step, "tokens": state.tokens, "flops": state.flops,
+                         "wall_s": state.wall_s, **row}, engine.monitor)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", level=stage.level, rate=f"{rate:.2f}",
+                                tok_s=f"{tokens_per_step / dt:,.0f}")
+                bar.update(1)
+            if cfg.run.save_every and state.step % cfg.run.save_every == 0 and state.step < cfg.run.total_steps:
+                save()
+        if state.stage == len(stages) - 1:
+            break
+        engine, stage = _transition(cfg, ds, engine, stage, stages[state.stage + 1], maps, kept, log, state)
+        state.stage = stage.index
+        if sat is not None:
+            sat.rebind(engine.module)
+
+    if bar is not None:
+        bar.close()
+    save()
+    final_val = next((r["val_loss"] for r in reversed(log.rows) if "val_loss" in r), None)
+    result = {"step": state.step, "val_loss": final_val, "tokens": state.tokens, "flops": state.flops,
+              "wall_s": state.wall_s, "output_dir": str(out)}
+    if cfg.run.export:
+        result["export_dir"] = str(export_hf(engine, stage.config, out / "export",
+                                             load_tokenizer(corpus.tokenizer_dir)))
+    if rank == 0:
+        result["plot"] = str(plot_losses(log.rows, out / "loss.png", _title(cfg)))
+    free_engine(engine)
+    return result
+
+
+def _transition(cfg, ds, engine, stage: Stage, nxt: Stage, maps, kept, log: MetricsLog, state: RunState):
+    """Build the next stage's engine and fill it from the current one with the pure operators."""
+    model = new_model(nxt.config, ds, cfg.run.seed)
+    new_engine = make_engine(model, cfg, ds)
+    if nxt.level > stage.level:
+        kept[stage.level] = keep_shards(engine.module)
+        coalesce_into(engine.module, new_engine.module, maps[nxt.level])
+        kind = "coalesce"
+    else:
+        decoalesce_into(engine.module, new_engine.module, maps[stage.level], kept.pop(nxt.level),
+                        cfg.multilevel.alpha)
+        kind = "decoalesce+interpolate"
+    free_engine(engine)
+    c = nxt.config
+    log.log({"step": state.step, "transition": kind, "level": nxt.level, "params": count_params(c),
+             "shape": f"h{c.hidden_size} L{c.num_hidden_layers} H{c.num_attention_heads} "
+                      f"K{c.num_key_value_heads} m{c.intermediate_size}"})
+    return new_engine, nxt
+
+
+def _progress(cfg: TrainConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.run.total_steps, initial=initial, desc="train", disable=not cfg.run.progress,
+                dynamic_ncols=True)
+
+
+def _title(cfg: TrainConfig) -> str:
+    parts = [cfg.model.preset if cfg.model.pretrained is None else Path(cfg.model.pretrained).name]
+    if cfg.multilevel.enabled:
+        parts.append(f"V-cycle x{cfg.multilevel.levels}")
+    if cfg.sat.enabled:
+        parts.append(f"SAT r={cfg.sat.omission_rate}")
+    return " | ".join(parts)
