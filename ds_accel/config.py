@@ -189,6 +189,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         ("multilevel.width_factor", m.width_factor), ("multilevel.depth_factor", m.depth_factor),
                         ("sat.rungs", s.rungs), ("sat.reselect_every", s.reselect_every)]:
         _require(value >= 1, f"{path}: must be >= 1, got {value}")
+    _require(d.vocab_size >= 384, f"data.vocab_size: must be >= 384 (256 byte-fallback pieces plus the "
+                                  f"corpus' characters), got {d.vocab_size}")
     _require(r.save_every >= 0, f"run.save_every: must be >= 0 (0 saves only at the end), got {r.save_every}")
     _require(0 < d.val_fraction < 0.5, f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
     _require(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")

@@ -73,16 +73,26 @@ def model_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     return llama_config(cfg.preset, vocab_size, cfg.tie_word_embeddings)
 
 
-def build_model(conf: LlamaConfig, pretrained: str | None = None, seed: int = 0) -> LlamaForCausalLM:
-    """A fresh model from ``conf`` (seeded) or the weights of a local checkpoint, in fp32.
+def build_model(conf: LlamaConfig, pretrained: str | None = None) -> LlamaForCausalLM:
+    """A model of shape ``conf`` (weights set later by :func:`initial_value`) or a local checkpoint, in fp32.
 
     DeepSpeed casts to the training dtype itself; under ZeRO-3 the caller wraps this in
     ``deepspeed.zero.Init`` so each rank materialises only its shard.
     """
     if pretrained is not None:
         return LlamaForCausalLM.from_pretrained(pretrained, config=conf, torch_dtype=torch.float32)
-    torch.manual_seed(seed)
     return LlamaForCausalLM(conf)
+
+
+def initial_value(name: str, shape: torch.Size, conf: LlamaConfig, generator: torch.Generator) -> torch.Tensor:
+    """Llama's initialisation, drawn one parameter at a time from one seeded generator.
+
+    Drawing explicitly (rather than relying on module init) gives the same weights whether the
+    model is built whole or partitioned under ``zero.Init``, and on any number of ranks.
+    """
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.randn(shape, generator=generator) * conf.initializer_range
 
 
 def count_params(conf: LlamaConfig) -> int:

@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
 def _transition(cfg, ds, engine, stage: Stage, nxt: Stage, maps, kept, log: MetricsLog, state: RunState):
     """Build the next stage's engine and fill it from the current one with the pure operators."""
-    model = new_model(nxt.config, ds, cfg.run.seed)
+    model = new_model(nxt.config, ds, seed=None)
     new_engine = make_engine(model, cfg, ds)
     if nxt.level > stage.level:
         kept[stage.level] = keep_shards(engine.module)

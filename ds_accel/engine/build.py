@@ -19,7 +19,8 @@ import deepspeed
 import torch
 
 from ..config import ConfigError, TrainConfig
-from ..models import build_model, resolve_dtype
+from ..models import build_model, initial_value, resolve_dtype
+from .params import write_param
 from .. import runtime
 
 
@@ -63,17 +64,26 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def new_model(conf, ds: dict, seed: int, pretrained: str | None = None) -> torch.nn.Module:
-    """A model of this shape, partitioned at construction under ZeRO-3 (each rank builds its shard)."""
+def new_model(conf, ds: dict, seed: int | None, pretrained: str | None = None) -> torch.nn.Module:
+    """A model of this shape, partitioned at construction under ZeRO-3 (each rank builds its shard).
+
+    With ``seed`` the weights are drawn by ``initial_value`` one parameter at a time (identical
+    under every ZeRO stage and rank count); ``None`` leaves them to be filled by a transition.
+    """
     if pretrained is not None and zero_stage(ds) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds)  # makes from_pretrained load straight into zero.Init shards
-        model = build_model(conf, pretrained, seed)
+        model = build_model(conf, pretrained)
         del keep_alive
         return model
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
-        return build_model(conf, pretrained, seed)
+        model = build_model(conf, pretrained)
+    if pretrained is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            write_param(p, initial_value(name, getattr(p, "ds_shape", p.shape), conf, generator))
+    return model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -29,14 +29,23 @@ def full_param(p: torch.nn.Parameter) -> torch.Tensor:
     return p.detach().float().clone()
 
 
-def set_full_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Write ``value`` into the master weight (if any) and into the model's own copy."""
-    safe_set_full_fp32_param(p, value.float())
+def write_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write the model's own copy (every rank passes the same ``value``); ZeRO-3 keeps each rank's shard.
+
+    ``modifier_rank=0``: DeepSpeed re-partitions from rank 0's gathered copy on exit (``None``
+    would discard the write).
+    """
     if is_zero3(p):
-        with zero.GatheredParameters([p], modifier_rank=None):
+        with zero.GatheredParameters([p], modifier_rank=0):
             p.data.copy_(value.to(p.dtype))
     else:
         p.data.copy_(value.to(p.dtype))
+
+
+def set_full_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write ``value`` into the master weight (if any) and into the model's own copy."""
+    safe_set_full_fp32_param(p, value.float())
+    write_param(p, value)
 
 
 def shard_of(value: torch.Tensor, rank: int, world: int) -> torch.Tensor:

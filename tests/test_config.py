@@ -1,0 +1,70 @@
+"""Config validation: one clear error per mistake, naming the field, before any work."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+from ds_accel.config import ConfigError, from_dict, load
+
+
+def _error(tmp_path, **changes) -> str:
+    data = tiny_overrides(tmp_path)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        data.setdefault(section, {})[name] = value
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    return str(err.value)
+
+
+def test_defaults_validate():
+    cfg = load(None)
+    assert cfg.run.total_steps > 0 and cfg.multilevel.alpha == 0.5 and cfg.sat.omission_rate == 0.5
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"run__total_stepz": 5}, "run.total_stepz"),
+    ({"run__total_steps": "ten"}, "run.total_steps"),
+    ({"run__total_steps": True}, "run.total_steps"),
+    ({"run__total_steps": 0}, "run.total_steps"),
+    ({"data__train_files": ["/no/such/file.txt"]}, "data.train_files"),
+    ({"data__tokenizer": "/tmp"}, "data.tokenizer"),
+    ({"sat__omission_rate": 1.5}, "sat.omission_rate"),
+    ({"sat__schedule": "ladderr"}, "sat.schedule"),
+    ({"multilevel__enabled": True, "multilevel__step_fractions": [0.5, 0.5]}, "multilevel.step_fractions"),
+    ({"multilevel__enabled": True, "multilevel__lr_scale": [1.0]}, "multilevel.lr_scale"),
+    ({"deepspeed__config": "ds_configs/zero9.json"}, "deepspeed.config"),
+    ({"optim__warmup_steps": 100}, "optim.warmup_steps"),
+])
+def test_bad_field_is_named(tmp_path, change, field):
+    assert _error(tmp_path, **change).startswith(field)
+
+
+def test_float_field_accepts_int(tmp_path):
+    data = tiny_overrides(tmp_path)
+    data["optim"]["lr"] = 1
+    assert from_dict(data).optim.lr == 1.0
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ds_accel.cli", "train", "--set", "run.bogus=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("ds-accel: error: run.bogus: unknown key")
+    assert "Traceback" not in proc.stderr
+
+
+def test_ds_config_conflict_is_named(tmp_path):
+    import json
+
+    from ds_accel.engine.build import resolve_ds_config
+
+    ds = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 3
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = from_dict(tiny_overrides(tmp_path, deepspeed={"config": str(path)}))
+    with pytest.raises(ConfigError, match="optim.micro_batch_size"):
+        resolve_ds_config(cfg, 1)
