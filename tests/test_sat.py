@@ -1,0 +1,405 @@
+"""SAT core: sliced == masked, exact restore, optimizer guard, importance EMA, selection, LORS."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ds_accel.sat import (LORS, ImportanceTracker, guard_omitted, kept_fraction, num_kept, omit,
+                          omitted_slices, select, select_heads, select_topk, select_topk_balanced)
+
+HEADS, KV_HEADS, HEAD_DIM, CHANNELS, VOCAB = 8, 2, 4, 97, 61
+# Layer 0: irregular GQA selection using both KV heads; layer 1: only KV head 0 is used.
+KEEP_HEADS = {0: torch.tensor([1, 4, 6]), 1: torch.tensor([0, 3])}
+KEEP_CHANNELS = {0: torch.randperm(CHANNELS, generator=torch.Generator().manual_seed(0))[:41].sort().values}
+
+
+def tiny_model(attn: str = "sdpa", bias: bool = False, layers: int = 2, kv_heads: int = KV_HEADS,
+               seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HEADS * HEAD_DIM, intermediate_size=CHANNELS,
+                         num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
+                         tie_word_embeddings=True, attention_bias=bias, mlp_bias=bias, max_position_embeddings=64)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    return model
+
+
+def batch(padded: bool = False, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+    labels = ids.clone()
+    out = {"input_ids": ids, "labels": labels, "use_cache": False}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        labels[1, 8:] = -100
+        out["attention_mask"] = mask
+    return out
+
+
+def omitted(kept: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.tensor(sorted(set(range(n)) - set(kept.tolist())), dtype=torch.long)
+
+
+def rows(heads: torch.Tensor) -> torch.Tensor:
+    return (heads[:, None] * HEAD_DIM + torch.arange(HEAD_DIM)).flatten()
+
+
+def expected_omissions() -> dict[str, tuple[int, torch.Tensor]]:
+    """By hand: parameter name -> (dim, omitted indices) for KEEP_HEADS / KEEP_CHANNELS."""
+    out = {}
+    for layer, kept in KEEP_HEADS.items():
+        q = rows(omitted(kept, HEADS))
+        kv = rows(omitted(torch.unique(kept // (HEADS // KV_HEADS)), KV_HEADS))
+        prefix = f"model.layers.{layer}.self_attn"
+        out |= {f"{prefix}.q_proj.weight": (0, q), f"{prefix}.o_proj.weight": (1, q)}
+        if kv.numel():
+            out |= {f"{prefix}.k_proj.weight": (0, kv), f"{prefix}.v_proj.weight": (0, kv)}
+    for layer, kept in KEEP_CHANNELS.items():
+        c = omitted(kept, CHANNELS)
+        prefix = f"model.layers.{layer}.mlp"
+        out |= {f"{prefix}.gate_proj.weight": (0, c), f"{prefix}.up_proj.weight": (0, c),
+                f"{prefix}.down_proj.weight": (1, c)}
+    return out
+
+
+def masked_reference(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Independent reference: omitted heads/channels contribute zero through zeroed o_proj/down_proj columns."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, kept in KEEP_HEADS.items():
+            ref.model.layers[layer].self_attn.o_proj.weight[:, rows(omitted(kept, HEADS))] = 0
+        for layer, kept in KEEP_CHANNELS.items():
+            ref.model.layers[layer].mlp.down_proj.weight[:, omitted(kept, CHANNELS)] = 0
+    return ref
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((x - reference).norm() / reference.norm().clamp(min=1e-300)).item()
+
+
+# HF's eager attention takes its softmax in float32, which bounds how close a float64 reference can be.
+@pytest.mark.parametrize("attn,bias,padded,tolerance",
+                         [("sdpa", False, False, 1e-8), ("sdpa", True, True, 1e-8), ("eager", True, True, 1e-6)])
+def test_sliced_equals_masked_reference(attn, bias, padded, tolerance):
+    model = tiny_model(attn, bias)
+    ref = masked_reference(model)
+    ref_loss = ref(**batch(padded)).loss
+    ref_loss.backward()
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS):
+        loss = model(**batch(padded)).loss
+        loss.backward()
+    assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
+    zeroed_columns = {f"model.layers.{l}.self_attn.o_proj.weight" for l in KEEP_HEADS}
+    zeroed_columns |= {f"model.layers.{l}.mlp.down_proj.weight" for l in KEEP_CHANNELS}
+    omissions = expected_omissions()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        grad, ref_grad = p.grad.clone(), ref_grads[name].grad.clone()
+        if name in omissions:
+            dim, index = omissions[name]
+            assert torch.all(grad.index_select(dim, index) == 0), name
+            if name in zeroed_columns:
+                grad.index_fill_(dim, index, 0)
+                ref_grad.index_fill_(dim, index, 0)
+        assert relative_error(grad, ref_grad) < tolerance, name
+    bias_name = "model.layers.0.self_attn.q_proj.bias"
+    if bias:
+        assert torch.all(dict(model.named_parameters())[bias_name].grad[rows(omitted(KEEP_HEADS[0], HEADS))] == 0)
+
+
+def test_multi_head_attention_without_gqa():
+    model = tiny_model(kv_heads=HEADS)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.model.layers[0].self_attn.o_proj.weight[:, rows(omitted(KEEP_HEADS[0], HEADS))] = 0
+    with omit(model, {0: KEEP_HEADS[0]}, {}):
+        loss = model(**batch()).loss
+        loss.backward()
+    assert torch.allclose(loss, ref(**batch()).loss, rtol=1e-10, atol=0)
+    assert torch.all(model.model.layers[0].self_attn.k_proj.weight.grad[rows(omitted(KEEP_HEADS[0], HEADS))] == 0)
+
+
+def test_gradient_checkpointing_recomputes_the_same_sliced_step():
+    """Recomputation in the backward runs the sliced forward again and records the same statistics again,
+    which leaves the averaged importance unchanged."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        tracker = ImportanceTracker.for_model(model)
+        with omit(model, KEEP_HEADS, KEEP_CHANNELS, tracker):
+            loss = model(**batch()).loss
+            loss.backward()
+        tracker.update()
+        results.append((loss, [p.grad for p in model.parameters()], tracker.flat()))
+    (loss, grads, scores), (gc_loss, gc_grads, gc_scores) = results
+    assert torch.equal(loss, gc_loss) and torch.equal(scores, gc_scores)
+    assert all(torch.equal(g, h) for g, h in zip(grads, gc_grads))
+
+
+def assert_dense(model: LlamaForCausalLM) -> None:
+    for layer in model.model.layers:
+        for module in (layer.self_attn, layer.mlp, layer.self_attn.o_proj, layer.mlp.down_proj):
+            assert "forward" not in module.__dict__ and not module._forward_pre_hooks
+
+
+def test_leaving_the_context_restores_the_dense_model_exactly():
+    model = tiny_model()
+    dense = model(**batch()).logits
+    tracker = ImportanceTracker.for_model(model)
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS, tracker):
+        assert not torch.equal(model(**batch()).logits, dense)
+    assert_dense(model)
+    assert torch.equal(model(**batch()).logits, dense)
+    with pytest.raises(RuntimeError), omit(model, KEEP_HEADS, KEEP_CHANNELS):
+        raise RuntimeError
+    assert_dense(model)
+
+
+def test_rate_zero_and_all_kept_are_the_dense_forward_bit_for_bit():
+    model = tiny_model()
+    dense = model(**batch()).logits
+    everything = {layer: torch.arange(HEADS) for layer in range(2)}
+    all_channels = {layer: torch.arange(CHANNELS) for layer in range(2)}
+    tracker = ImportanceTracker.for_model(model)
+    for keep_heads, keep_channels in (({}, {}), (everything, all_channels)):
+        with omit(model, keep_heads, keep_channels, tracker):
+            assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+            assert torch.equal(model(**batch()).logits, dense)
+    assert torch.all(tracker._count["heads"] == 2) and torch.all(tracker._count["channels"] == 2)
+
+
+def test_wrapped_models_layer_lists_and_mappings_select_the_same_layers():
+    model = tiny_model()
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS):
+        expected = model(**batch()).logits
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    layers = list(model.model.layers)
+    for target in (wrapper, layers, dict(enumerate(layers))):
+        with omit(target, KEEP_HEADS, KEEP_CHANNELS):
+            assert torch.equal(model(**batch()).logits, expected)
+    with pytest.raises(ValueError, match="index"):
+        with omit(model, {5: torch.tensor([0])}, {}):
+            pass
+
+
+def test_kv_cache_is_refused_under_omission():
+    model = tiny_model()
+    with omit(model, KEEP_HEADS, {}), pytest.raises(ValueError, match="use_cache=False"):
+        model(input_ids=batch()["input_ids"], use_cache=True)
+
+
+def test_omitted_slices_match_the_hand_mapping_and_kept_fraction():
+    model = tiny_model(bias=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(s.param)]: (s.dim, s.index) for s in omitted_slices(model, KEEP_HEADS, KEEP_CHANNELS)}
+    expected = expected_omissions()
+    expected |= {n.replace("weight", "bias"): v for n, v in expected.items() if v[0] == 0}
+    assert got.keys() == expected.keys()
+    assert all(got[n][0] == expected[n][0] and torch.equal(got[n][1], expected[n][1]) for n in got)
+    fractions = kept_fraction(model, KEEP_HEADS, KEEP_CHANNELS)
+    assert fractions == {"heads": 5 / 16, "kv_heads": 3 / 4, "channels": (41 + 97) / 194}
+
+
+def adamw_after_sliced_step(guarded: bool):
+    """A dense AdamW step (so moments are non-zero), then a sliced one; returns (before, after) snapshots."""
+    model = tiny_model(bias=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(**batch(seed=2)).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS):
+        model(**batch()).loss.backward()
+    slices = omitted_slices(model, KEEP_HEADS, KEEP_CHANNELS)
+
+    def snapshot() -> dict[str, list[torch.Tensor]]:
+        state = lambda p: (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
+        return {s.name + str(s.layer): [t.detach().clone() for t in state(s.param)] for s in slices}
+
+    before = snapshot()
+    if guarded:
+        with guard_omitted(opt, slices):
+            opt.step()
+    else:
+        opt.step()
+    return slices, before, snapshot()
+
+
+def test_guard_keeps_omitted_parameters_and_moments_bit_identical():
+    slices, before, after = adamw_after_sliced_step(guarded=True)
+    for s in slices:
+        key = s.name + str(s.layer)
+        kept = omitted(s.index, s.param.shape[s.dim])
+        for old, new in zip(before[key], after[key]):
+            assert torch.equal(old.index_select(s.dim, s.index), new.index_select(s.dim, s.index)), key
+            assert not torch.equal(old.index_select(s.dim, kept), new.index_select(s.dim, kept)), key
+
+
+def test_without_the_guard_adamw_moves_omitted_rows():
+    slices, before, after = adamw_after_sliced_step(guarded=False)
+    for s in slices:
+        key = s.name + str(s.layer)
+        for old, new in zip(before[key], after[key]):
+            assert not torch.equal(old.index_select(s.dim, s.index), new.index_select(s.dim, s.index)), key
+
+
+def recorded_step(model: LlamaForCausalLM, tracker: ImportanceTracker, keep_heads: dict, keep_channels: dict
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recording forward; returns layer 0's head and channel magnitudes computed by hand from the
+    inputs of its attention and MLP in that forward (eager attention math, full MLP)."""
+    layer, seen = model.model.layers[0], {}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw: seen.update(attn=kw), with_kwargs=True),
+             layer.mlp.register_forward_pre_hook(lambda m, a: seen.update(mlp=a[0]))]
+    with torch.no_grad(), omit(model, keep_heads, keep_channels, tracker):
+        model(**batch())
+    tracker.update()
+    for hook in hooks:
+        hook.remove()
+    attn, x = layer.self_attn, seen["attn"]["hidden_states"]
+    heads = lambda w, n: (x @ w.T).view(*x.shape[:2], n, HEAD_DIM).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(heads(attn.q_proj.weight, HEADS), heads(attn.k_proj.weight, KV_HEADS),
+                                *seen["attn"]["position_embeddings"])
+    v = heads(attn.v_proj.weight, KV_HEADS)
+    k, v = k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+    logits = logits.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), -math.inf)
+    head_stat = (logits.softmax(-1) @ v).norm(dim=-1).mean(dim=(0, 2))
+    mlp = layer.mlp
+    a = F.silu(seen["mlp"] @ mlp.gate_proj.weight.T) * (seen["mlp"] @ mlp.up_proj.weight.T)
+    return head_stat.float(), a.abs().mean(dim=(0, 1)).float()
+
+
+def test_importance_ema_matches_hand_computation():
+    model, decay = tiny_model(layers=1), 0.9
+    tracker = ImportanceTracker.for_model(model, decay=decay)
+    keep_heads, keep_channels = {0: KEEP_HEADS[0]}, {0: KEEP_CHANNELS[0]}
+    head_stat, channel_stat = recorded_step(model, tracker, keep_heads, keep_channels)
+    kept_h, kept_c = KEEP_HEADS[0], KEEP_CHANNELS[0]
+    first_h, first_c = tracker.head_scores(0).clone(), tracker.channel_scores(0).clone()
+    assert torch.allclose(first_h[kept_h], head_stat[kept_h], rtol=1e-6)
+    assert torch.allclose(first_c[kept_c], channel_stat[kept_c], rtol=1e-6)
+    assert torch.all(first_h[omitted(kept_h, HEADS)] == math.inf)
+    head_stat, channel_stat = recorded_step(model, tracker, {}, {})
+    expected_h = torch.where(torch.isinf(first_h), head_stat, decay * first_h + (1 - decay) * head_stat)
+    expected_c = torch.where(torch.isinf(first_c), channel_stat, decay * first_c + (1 - decay) * channel_stat)
+    assert torch.allclose(tracker.head_scores(0), expected_h, rtol=1e-6)
+    assert torch.allclose(tracker.channel_scores(0), expected_c, rtol=1e-6)
+    second_h, second_c = tracker.head_scores(0).clone(), tracker.channel_scores(0).clone()
+    recorded_step(model, tracker, keep_heads, keep_channels)
+    assert torch.equal(tracker.head_scores(0)[omitted(kept_h, HEADS)], decay * second_h[omitted(kept_h, HEADS)])
+    assert torch.equal(tracker.channel_scores(0)[omitted(kept_c, CHANNELS)],
+                       decay * second_c[omitted(kept_c, CHANNELS)])
+
+
+def test_tracker_state_dict_and_flat_round_trip():
+    model = tiny_model()
+    tracker = ImportanceTracker.for_model(model)
+    with torch.no_grad(), omit(model, KEEP_HEADS, KEEP_CHANNELS, tracker):
+        model(**batch())
+    tracker.update()
+    restored = ImportanceTracker.for_model(model)
+    restored.load_state_dict(tracker.state_dict())
+    for layer in range(2):
+        assert torch.equal(restored.head_scores(layer), tracker.head_scores(layer))
+        assert torch.equal(restored.channel_scores(layer), tracker.channel_scores(layer))
+    flat = tracker.flat()
+    assert flat.numel() == 2 * (HEADS + CHANNELS)
+    restored.set_flat(flat * 2)
+    assert torch.equal(restored.flat(), flat * 2)
+    rand_a, rand_b = (ImportanceTracker.for_model(model, metric="random", seed=3) for _ in range(2))
+    rand_a.update()
+    rand_b.load_state_dict(rand_a.state_dict())
+    rand_a.update()
+    rand_b.update()
+    assert torch.equal(rand_a.flat(), rand_b.flat())
+    with pytest.raises(ValueError, match="metric"):
+        restored.load_state_dict(rand_a.state_dict())
+
+
+def tracker_with(head_scores: list[float], channel_scores: list[float]) -> ImportanceTracker:
+    """A one-layer tracker whose scores are the given values (recorded as activation magnitudes)."""
+    tracker = ImportanceTracker([0], len(head_scores), KV_HEADS, len(channel_scores), HEAD_DIM)
+    o_input = torch.zeros(1, 1, len(head_scores), HEAD_DIM)
+    o_input[..., 0] = torch.tensor(head_scores)
+    tracker.record_heads(0, o_input.flatten(-2))
+    tracker.record_channels(0, torch.tensor(channel_scores).view(1, 1, -1))
+    tracker.update()
+    return tracker
+
+
+def test_selection_follows_scores_with_deterministic_ties():
+    assert select_topk(torch.tensor([0.1, 0.5, 0.5, 0.2, 0.9]), 0.4).tolist() == [1, 2, 4]
+    assert select_topk(torch.tensor([0.5, 0.9, 0.5, 0.5]), 0.5).tolist() == [0, 1]
+    assert select_topk(torch.ones(4), 0.5).tolist() == [0, 1]
+    assert select_topk(torch.arange(5.0), 0.0).tolist() == [0, 1, 2, 3, 4]
+    assert (num_kept(10, 0.7), num_kept(97, 0.5), num_kept(4, 0.99)) == (3, 49, 1)
+    balanced = select_topk_balanced(torch.tensor([9.0, 8, 7, 6, 0, 1, 2, 3]), 0.5, 2)
+    assert balanced.tolist() == [0, 1, 6, 7]
+    with pytest.raises(ValueError, match="omission_rate"):
+        select_topk(torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="num_shards"):
+        select_topk_balanced(torch.ones(6), 0.5, 4)
+
+
+def test_kv_group_granularity_keeps_whole_groups():
+    tracker = tracker_with([10, 0, 0, 0, 3, 3, 3, 3], [float(c % 7) for c in range(CHANNELS)])
+    assert select_heads(tracker, 0, 0.75).tolist() == [0, 4]
+    assert select_heads(tracker, 0, 0.5, "kv_group").tolist() == [4, 5, 6, 7]
+    assert select_heads(tracker, 0, 0.5, "kv_group", num_shards=2).tolist() == list(range(8))
+    assert select_heads(tracker, 0, 0.5, num_shards=2).tolist() == [0, 1, 4, 5]
+    keep_heads, keep_channels = select(tracker, 0.5)
+    assert keep_heads[0].numel() == 4 and keep_channels[0].numel() == 49
+    assert torch.equal(keep_channels[0], select_topk(tracker.channel_scores(0), 0.5))
+    assert select(tracker, 0.0) == ({}, {})
+    with pytest.raises(ValueError, match="granularity"):
+        select_heads(tracker, 0, 0.5, "channel")
+
+
+def test_unseen_units_are_selected_first():
+    tracker = ImportanceTracker([0], HEADS, KV_HEADS, CHANNELS, HEAD_DIM)
+    first = select_topk(tracker.channel_scores(0), 0.5)
+    tracker.record_channels(0, torch.ones(1, 1, first.numel()), kept=first)
+    tracker.update()
+    second = select_topk(tracker.channel_scores(0), 0.5)
+    assert set(second.tolist()) >= set(omitted(first, CHANNELS).tolist())
+
+
+def test_lors_ladder():
+    lors = LORS(total_steps=100, omission_rate=0.5, stage1_fraction=0.5, rungs=4)
+    rates = [lors.rate(s) for s in range(100)]
+    assert rates[:50] == [0.5] * 50
+    assert sorted(set(rates), reverse=True) == [0.5, 0.5 * 2 / 3, 0.5 / 3, 0.0]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert rates[-13:] == [0.0] * 13 and rates[-14] > 0
+    assert [rates[50:].count(r) for r in sorted(set(rates[50:]), reverse=True)] == [12, 13, 12, 13]
+    assert lors.rate(100) == lors.rate(10_000) == 0.0
+    assert all(LORS(10, 0.5, 0.5, rungs=1).rate(s) == 0.0 for s in range(5, 10))
+    assert [LORS(4, 0.5, 0.5, rungs=4).rate(s) for s in range(4)] == [0.5, 0.5, 0.5 * 2 / 3, 0.0]
+
+
+def test_lors_constant_and_linear():
+    assert all(LORS(10, 0.3, schedule="constant").rate(s) == 0.3 for s in range(10))
+    linear = [LORS(10, 0.5, 0.6, schedule="linear").rate(s) for s in range(10)]
+    assert linear[:6] == [0.5] * 6 and linear[6:] == pytest.approx([0.5, 1 / 3, 1 / 6, 0.0])
+    assert LORS(10, schedule="linear").rate(10) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"total_steps": 0}, "total_steps"), ({"total_steps": 10, "omission_rate": 1.0}, "omission_rate"),
+    ({"total_steps": 10, "stage1_fraction": 1.5}, "stage1_fraction"), ({"total_steps": 10, "rungs": 0}, "rungs"),
+({"total_steps": 10, "schedule": "cosine"}, "schedule")])
+def test_lors_rejects_bad_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LORS(**kwargs)
