@@ -74,7 +74,7 @@ def evaluate(engine, val: torch.Tensor, cfg: TrainConfig) -> float:
     for b in range(n_batches):
         start = (b * world + rank) * micro
         x = val[start:start + micro].to(runtime.device())
-        total += engine(input_ids=x, labels=x).loss.float().item()
+        total += engine(input_ids=x, labels=x, use_cache=False).loss.float().item()
     engine.train()
     return _mean_over_ranks(total / n_batches)
 
@@ -152,11 +152,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             for micro_step in range(o.grad_accum):
                 x = corpus.train[sampler.indices(state.step, micro_step, rank)].to(runtime.device())
                 with sat.omitting() if sat else nullcontext():
-                    step_loss = engine(input_ids=x, labels=x).loss
+                    step_loss = engine(input_ids=x, labels=x, use_cache=False).loss
                     engine.backward(step_loss)
                 loss += step_loss.item() / o.grad_accum
                 with sat.guard_optimizer(engine) if sat and micro_step == o.grad_accum - 1 else nullcontext():
                     engine.step()
+            if sat:
+                sat.end_step()
             widths = sat.widths() if sat else None
             step_flops = train_flops(stage.config, tokens_per_step, cfg.data.seq_len, widths)
             dt = time.perf_counter() - t0

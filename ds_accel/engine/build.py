@@ -90,7 +90,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; norms (1-D) are not decayed."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if getattr(p, "ds_shape", p.shape).__len__() >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -1,0 +1,160 @@
+"""SAT inside a DeepSpeed engine: the plumbing around the pure ``ds_accel.sat`` functions.
+
+What lives here and nowhere else:
+- importance scores are averaged over the data-parallel group before every selection, so all ranks
+  omit the same heads and channels;
+- under ZeRO-3 the sliced forward reads ``q_proj.weight`` etc. without calling those modules, so the
+  weights are registered as external parameters of the attention / MLP module
+  (``deepspeed.zero.register_external_parameter``): DeepSpeed then gathers them for that module's
+  forward and backward;
+- omitted rows must not move in the optimizer step (AdamW would decay them and apply momentum even
+  at zero gradient). Their values are saved before ``engine.step()`` and written back after it, in
+  every copy DeepSpeed keeps of them on this rank: the model weight (full under ZeRO 0-2, this rank's
+  shard under ZeRO-3), the fp32 master fragment and the Adam moments (``_hp_mapping`` fragments under
+  ZeRO-1/2 and bf16, ``safe_get_local_*`` partitions under ZeRO-3). The per-tensor Adam step count
+  (bias correction) still advances: it is one number per flat group, shared with the kept rows.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..config import SATConfig
+from ..flops import LayerWidth
+from ..sat import LORS, ImportanceTracker, decoder_layers, omit, omitted_slices, select
+from ..sat.omit import HeadSelection
+from ..sat.optim_guard import OmittedSlice
+from .params import is_zero3
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _flat_positions(s: OmittedSlice) -> torch.Tensor:
+    """Indices of the omitted elements in the flattened parameter."""
+    shape = getattr(s.param, "ds_shape", s.param.shape)  # a ZeRO-3 weight's own tensor is a 1-D placeholder
+    if len(shape) == 1:
+        return s.index
+    rows, cols = shape
+    if s.dim == 0:
+        return (s.index[:, None] * cols + torch.arange(cols, device=s.index.device)).flatten()
+    return (torch.arange(rows, device=s.index.device)[:, None] * cols + s.index).flatten()
+
+
+def _local_copies(p: torch.nn.Parameter, optimizer) -> list[tuple[int, torch.Tensor]]:
+    """(flat offset, 1-D view) of every copy of ``p`` this rank holds: model weight, master, moments."""
+    if is_zero3(p):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        offset = dist.get_rank() * p.ds_tensor.numel() if dist.is_initialized() else 0
+        views = [p.ds_tensor.view(-1), safe_get_local_fp32_param(p)]
+        state = p._z3_optimizer.optimizer.state
+        if state:
+            views += [safe_get_local_optimizer_state(p, key) for key in _MOMENTS]
+        return [(offset, v.view(-1)) for v in views if v is not None]
+    copies = [(0, p.data.view(-1))]
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is not None:  # ZeRO-1/2 and bf16: this rank's fragment of the flat fp32 partition
+        start = mapping.lp_fragment_address.start
+        copies.append((start, mapping.hp_fragment.view(-1)))
+        copies += [(start, v.view(-1)) for v in (mapping.optim_fragment or {}).values()]
+    elif p in getattr(optimizer, "state", {}):  # plain torch optimizer (ZeRO-0, fp32)
+        copies += [(0, v.view(-1)) for k, v in optimizer.state[p].items() if k in _MOMENTS]
+    return copies
+
+
+@contextmanager
+def frozen_omitted(engine, slices: list[OmittedSlice]) -> Iterator[None]:
+    """Around ``engine.step()``: every local copy of the omitted elements comes out bit-identical."""
+    saved = []
+    with torch.no_grad():
+        for s in slices:
+            positions = _flat_positions(s)
+            for offset, view in _local_copies(s.param, engine.optimizer):
+                local = positions - offset
+                local = local[(local >= 0) & (local < view.numel())]
+                if local.numel():
+                    saved.append((view, local, view[local].clone()))
+    yield
+    with torch.no_grad():
+        for view, local, values in saved:  # the views alias DeepSpeed's buffers, updated in place by the step
+            view[local] = values
+
+
+class SATController:
+    """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, frozen omitted state."""
+
+    def __init__(self, cfg: SATConfig, model: torch.nn.Module, total_steps: int, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.lors = LORS(total_steps, cfg.omission_rate, cfg.stage1_fraction, cfg.rungs, cfg.schedule)
+        self.rate = 0.0
+        self.rebind(model)
+
+    def rebind(self, model: torch.nn.Module) -> None:
+        """A new model (a V-cycle level): new shapes, so importance starts afresh."""
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.tracker = ImportanceTracker.for_model(model, decay=self.cfg.ema_decay, metric=self.cfg.metric,
+                                                   seed=self.seed)
+        self.keep_heads, self.keep_channels = {}, {}
+        first = next(iter(self.layers.values()))
+        if is_zero3(first.mlp.down_proj.weight):
+            from deepspeed import zero
+
+            for layer in self.layers.values():
+                for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                     (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                    for name in names:
+                        for p in getattr(owner, name).parameters(recurse=False):
+                            zero.register_external_parameter(owner, p)
+
+    def begin_step(self, step: int) -> float:
+        """Choose this step's heads and channels; returns the omission rate."""
+        rate = self.lors.rate(step)
+        if step % self.cfg.reselect_every == 0 or rate != self.rate:
+            self._average_scores()
+            heads, channels = select(self.tracker, rate, self.cfg.granularity,
+                                     head_omission_rate=rate if self.cfg.heads else 0.0)
+            self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
+        self.rate = rate
+        return rate
+
+    def _average_scores(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flat = self.tracker.flat()
+            dist.all_reduce(flat)
+            self.tracker.set_flat(flat / dist.get_world_size())
+
+    def omitting(self):
+        """Context for forward + backward: sliced layers, importance recorded in the same pass."""
+        return omit(self.model, self.keep_heads, self.keep_channels, self.tracker)
+
+    def guard_optimizer(self, engine):
+        return frozen_omitted(engine, omitted_slices(self.model, self.keep_heads, self.keep_channels))
+
+    def end_step(self) -> None:
+        self.tracker.update()
+
+    def widths(self) -> list[LayerWidth]:
+        """What each layer computed this step, for the FLOPs count."""
+        widths = []
+        for index, layer in self.layers.items():
+            attn, config = layer.self_attn, layer.self_attn.config
+            q, kv = config.num_attention_heads, config.num_key_value_heads
+            if index in self.keep_heads:
+                sel = HeadSelection.of(attn, self.keep_heads[index])
+                q, kv = len(sel.q_heads), len(sel.kv_heads)
+            m = len(self.keep_channels[index]) if index in self.keep_channels else config.intermediate_size
+            widths.append(LayerWidth(q, kv, m))
+        return widths
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict(), "rate": self.rate,
+                "keep_heads": self.keep_heads, "keep_channels": self.keep_channels}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.rate, self.keep_heads, self.keep_channels = state["rate"], state["keep_heads"], state["keep_channels"]
