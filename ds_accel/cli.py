@@ -12,7 +12,7 @@ from .config import ConfigError
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 
-def _config_path(name: str | None) -> str | None:
+def config_path(name: str | None) -> str | None:
     """A config file path, or the name of one shipped with the package (default, dense, ...)."""
     if name is None or Path(name).is_file():
         return name
@@ -32,7 +32,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from . import config
 
-    return config.load(_config_path(args.config), args.overrides)
+    return config.load(config_path(args.config), args.overrides)
 
 
 def cmd_train(args) -> int:
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="train/load the tokenizer and pack the corpus into the cache")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare_data)
+    from . import launcher, planner
+
+    launcher.add_parser(sub)
+    planner.add_parser(sub)
     return parser
 
 

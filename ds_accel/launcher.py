@@ -186,7 +186,7 @@ def has_checkpoint(output_dir: str | os.PathLike) -> bool:
 
 def run_output_dir(config: str, extra: Sequence[str]) -> Path:
     """``run.output_dir`` of the config, with the ``--set`` overrides among the pass-through args."""
-    from .cli import _config_path  # lazy: cli imports this module to register the subcommand
+    from .cli import config_path  # lazy: cli imports this module to register the subcommand
     from .config import load
 
     sets = argparse.ArgumentParser(add_help=False)
@@ -195,7 +195,7 @@ def run_output_dir(config: str, extra: Sequence[str]) -> Path:
     known, _ = sets.parse_known_args(list(extra))
     if known.config is not None:
         raise ConfigError("launch: give --config before '--', not among the training args")
-    return Path(load(_config_path(config), known.set).run.output_dir)
+    return Path(load(config_path(config), known.set).run.output_dir)
 
 
 def node_launches(cluster: Cluster, hostfile: str | os.PathLike, script_args: Sequence[str]) -> list[NodeLaunch]:

@@ -330,12 +330,12 @@ def _zero_stage(ds_config: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .cli import _config_path  # lazy: cli imports this module to register the subcommand
+    from .cli import config_path  # lazy: cli imports this module to register the subcommand
     from .config import load
 
     if args.config is None and args.model is None:
         raise ConfigError(f"--model: required without --config; one of {', '.join(PRESETS)}")
-    cfg = load(_config_path(args.config)) if args.config is not None else TrainConfig()
+    cfg = load(config_path(args.config)) if args.config is not None else TrainConfig()
     if args.model is not None:
         if args.model not in PRESETS:
             raise ConfigError(f"--model: {args.model!r} is not one of {', '.join(PRESETS)}")

@@ -68,6 +68,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def peak_memory_mb() -> float:
+    """Peak accelerator memory of this process (CUDA), or its peak resident set size on CPU."""
+    if torch.cuda.is_available() and not on_cpu():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rank() -> int:
     import torch.distributed as dist
 

@@ -9,6 +9,7 @@ runs as one process and under the ``deepspeed`` launcher; all ZeRO/engine knowle
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -198,8 +199,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if cfg.run.export:
         result["export_dir"] = str(export_hf(engine, stage.config, out / "export",
                                              load_tokenizer(corpus.tokenizer_dir)))
+    result["peak_mem_mb"] = runtime.peak_memory_mb()
     if rank == 0:
         result["plot"] = str(plot_losses(log.rows, out / "loss.png", _title(cfg)))
+        (out / "result.json").write_text(json.dumps(result, indent=1))
     free_engine(engine)
     return result
 
