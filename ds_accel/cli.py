@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="train/load the tokenizer and pack the corpus into the cache")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare_data)
-    from . import launcher, planner
+    from . import bench, launcher, planner
 
-    launcher.add_parser(sub)
-    planner.add_parser(sub)
+    for module in (launcher, planner, bench):
+        module.add_parser(sub)
     return parser
 
 
