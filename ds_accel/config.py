@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"  # checkpoints, metrics.csv, TensorBoard, loss.png, export/
+    output_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, monitor/ (TensorBoard, CSV), loss.png, export/
     seed: int = 0  # model init, data order, SAT random metric
     total_steps: int = 200  # optimizer steps over the whole run (all V-cycle levels together)
     eval_every: int = 50  # validation loss every N steps (and at the end)
@@ -64,9 +64,9 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate of level 1
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20  # linear warm-up steps at the start of the run
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only; norms are not decayed)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 disables)
     micro_batch_size: int = 8  # per rank; fills train_micro_batch_size_per_gpu "auto"
     grad_accum: int = 1  # fills gradient_accumulation_steps "auto"
@@ -74,7 +74,7 @@ class OptimConfig:
 
 @dataclass
 class MultiLevelConfig:
-    enabled: bool = False
+    enabled: bool = False  # train with the V-cycle (coalesce, train small, de-coalesce + interpolate)
     levels: int = 2  # V-cycle depth; level 1 is the full model
     width_factor: int = 2  # hidden, heads and MLP divided by this per level (1: keep width)
     depth_factor: int = 2  # layers divided by this per level (1: keep depth)
@@ -87,7 +87,7 @@ class MultiLevelConfig:
 
 @dataclass
 class SATConfig:
-    enabled: bool = False
+    enabled: bool = False  # omit unimportant heads/channels per step (sliced GEMMs), LORS back to dense
     omission_rate: float = 0.5  # share of heads and MLP channels omitted in stage 1
     schedule: str = "ladder"  # ladder (LORS) | constant | linear
     stage1_fraction: float = 0.5  # LORS: share of steps at the constant rate
@@ -98,6 +98,11 @@ class SATConfig:
     granularity: str = "head"  # head (query heads) | kv_group (whole GQA groups)
     heads: bool = True  # omit attention heads
     channels: bool = True  # omit MLP channels
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1  # pipeline stages (DeepSpeed PipelineModule; ZeRO-0/1 only); data parallel = world / pp
 
 
 @dataclass
@@ -113,6 +118,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     multilevel: MultiLevelConfig = field(default_factory=MultiLevelConfig)
     sat: SATConfig = field(default_factory=SATConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +207,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 < s.stage1_fraction <= 1, f"sat.stage1_fraction: must be in (0, 1], got {s.stage1_fraction}")
     _require(0 <= s.ema_decay < 1, f"sat.ema_decay: must be in [0, 1), got {s.ema_decay}")
     _require(0 <= m.alpha <= 1, f"multilevel.alpha: must be in [0, 1], got {m.alpha}")
+    _require(cfg.parallel.pp >= 1, f"parallel.pp: must be >= 1, got {cfg.parallel.pp}")
+    _require(not (m.enabled and cfg.parallel.pp > 1),
+             "multilevel.enabled: V-cycle transitions under pipeline parallelism are not supported yet; "
+             "use parallel.pp=1 with ZeRO (any stage) for multi-level runs")
     if m.enabled:
         n_stages = 2 * m.levels - 1
         _require(m.levels >= 2, "multilevel.levels: must be >= 2 when multilevel.enabled (1 is dense training)")

@@ -6,6 +6,7 @@ the same numbers as a real checkpoint; continual pretraining of a real model use
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +85,16 @@ def build_model(conf: LlamaConfig, pretrained: str | None = None) -> LlamaForCau
     return LlamaForCausalLM(conf)
 
 
-def initial_value(name: str, shape: torch.Size, conf: LlamaConfig, generator: torch.Generator) -> torch.Tensor:
-    """Llama's initialisation, drawn one parameter at a time from one seeded generator.
+def initial_value(name: str, shape: torch.Size, conf: LlamaConfig, seed: int) -> torch.Tensor:
+    """Llama's initialisation of the parameter ``name``, drawn from a generator seeded by (seed, name).
 
     Drawing explicitly (rather than relying on module init) gives the same weights whether the
-    model is built whole or partitioned under ``zero.Init``, and on any number of ranks.
+    model is built whole, partitioned under ``zero.Init``, or split into pipeline stages that each
+    initialise only their own layers, on any number of ranks.
     """
     if name.endswith("norm.weight"):
         return torch.ones(shape)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.randn(shape, generator=generator) * conf.initializer_range
 
 

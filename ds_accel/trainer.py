@@ -23,7 +23,8 @@ import torch.distributed as dist
 from . import checkpoint, runtime
 from .config import TrainConfig
 from .data import BlockSampler, Corpus, load_tokenizer, prepare
-from .engine.build import free_engine, make_engine, new_model, resolve_ds_config, set_lr
+from .config import ConfigError
+from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr, zero_stage
 from .engine.export import export_hf
 from .engine.transitions import coalesce_into, decoalesce_into, keep_shards
 from .flops import train_flops
@@ -31,6 +32,7 @@ from .metrics import MetricsLog, plot_losses
 from .models import count_params, model_config
 from .multilevel.operators import level_map
 from .multilevel.vcycle import Stage, plan
+from .parallel.pipeline import pipeline_batches, validate_layout
 
 
 @dataclass
@@ -65,19 +67,24 @@ def _mean_over_ranks(value: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, val: torch.Tensor, cfg: TrainConfig) -> float:
-    """Mean validation loss over a fixed set of blocks, split evenly over ranks (every rank runs the
-    same number of forwards, which ZeRO-3's collective gathers need)."""
-    rank, world, micro = runtime.rank(), runtime.world_size(), cfg.optim.micro_batch_size
-    n_batches = max(1, min(cfg.run.eval_batches, len(val) // (micro * world)))
+def evaluate(engine, val: torch.Tensor, cfg: TrainConfig, dp_rank: int, dp_world: int) -> float:
+    """Mean validation loss over a fixed set of blocks, split evenly over data-parallel ranks (every
+    rank runs the same number of forwards, which ZeRO-3's collective gathers need)."""
+    micro = cfg.optim.micro_batch_size
+    n_batches = max(1, min(cfg.run.eval_batches, len(val) // (micro * dp_world)))
+    blocks = [val[(b * dp_world + dp_rank) * micro:][:micro] for b in range(n_batches)]
     engine.eval()
-    total = 0.0
-    for b in range(n_batches):
-        start = (b * world + rank) * micro
-        x = val[start:start + micro].to(runtime.device())
-        total += engine(input_ids=x, labels=x, use_cache=False).loss.float().item()
+    if _is_pipeline(engine):  # the pipeline schedule averages the micro-batches and broadcasts the loss
+        loss = engine.eval_batch(iter([(x, x) for x in blocks]), num_micro_batches=n_batches).item()
+    else:
+        loss = sum(engine(input_ids=x.to(runtime.device()), labels=x.to(runtime.device()),
+                          use_cache=False).loss.float().item() for x in blocks) / n_batches
     engine.train()
-    return _mean_over_ranks(total / n_batches)
+    return _mean_over_ranks(loss)
+
+
+def _is_pipeline(engine) -> bool:
+    return hasattr(engine, "train_batch") and hasattr(engine, "grid")
 
 
 def _prepare_data(cfg: TrainConfig) -> Corpus:
@@ -89,12 +96,24 @@ def _prepare_data(cfg: TrainConfig) -> Corpus:
     return corpus if runtime.rank() == 0 else prepare(cfg.data)
 
 
-def _sat_controller(cfg: TrainConfig, model):
+def _sat_controller(cfg: TrainConfig, engine):
+    """SAT for the layers this rank computes: the whole model, or its pipeline stage's blocks."""
     if not cfg.sat.enabled:
         return None
     from .engine.sat import SATController
 
-    return SATController(cfg.sat, model, cfg.run.total_steps, cfg.run.seed)
+    if _is_pipeline(engine):
+        from .parallel.pipeline import local_decoder_layers
+
+        return SATController(cfg.sat, local_decoder_layers(engine.module), cfg.run.total_steps, cfg.run.seed,
+                             engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group())
+    return SATController(cfg.sat, engine.module, cfg.run.total_steps, cfg.run.seed)
+
+
+def _new_level_model(cfg: TrainConfig, ds: dict, conf, seed: int | None, pretrained: str | None = None):
+    if cfg.parallel.pp > 1:
+        return new_pipeline_model(conf, cfg.parallel.pp, seed, pretrained)
+    return new_model(conf, ds, seed, pretrained)
 
 
 def _level_maps(cfg: TrainConfig, stages: list[Stage]):
@@ -113,10 +132,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     ckpt_root = out / "checkpoints"
     corpus = _prepare_data(cfg)
     stages = plan(model_config(cfg.model, corpus.vocab_size), cfg.multilevel, cfg.run.total_steps)
-    ds = resolve_ds_config(cfg, world)
+    pp = cfg.parallel.pp
+    if world % pp:
+        raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages; "
+                          "use a pp that divides the number of ranks")
+    dp_world = world // pp
+    ds = resolve_ds_config(cfg, dp_world)
+    if pp > 1:
+        validate_layout(stages[0].config, pp, zero_stage(ds))
     maps = _level_maps(cfg, stages) if cfg.multilevel.enabled else {}
     o = cfg.optim
-    sampler = BlockSampler(len(corpus.train), o.micro_batch_size, o.grad_accum, world, cfg.run.seed)
+    sampler = BlockSampler(len(corpus.train), o.micro_batch_size, o.grad_accum, dp_world, cfg.run.seed)
     tokens_per_step = sampler.global_batch * cfg.data.seq_len
 
     state, kept = RunState(), {}
@@ -125,8 +151,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         state = RunState(**checkpoint.read_run_state(ckpt_root, tag))
     stage = stages[state.stage]
     pretrained = cfg.model.pretrained if stage.level == 1 and tag is None else None
-    engine = make_engine(new_model(stage.config, ds, cfg.run.seed, pretrained), cfg, ds)
-    sat = _sat_controller(cfg, engine.module)
+    engine = make_engine(_new_level_model(cfg, ds, stage.config, cfg.run.seed, pretrained), cfg, ds)
+    dp_rank = engine.grid.get_data_parallel_rank() if _is_pipeline(engine) else rank
+    sat = _sat_controller(cfg, engine)
     if tag is not None:
         extra = checkpoint.load(engine, ckpt_root, tag)
         kept = extra["kept"]
@@ -149,15 +176,19 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             lr = lr_at(cfg, state.step, stage.lr_scale)
             set_lr(engine, lr)
             rate = sat.begin_step(state.step) if sat else 0.0
-            loss = 0.0
-            for micro_step in range(o.grad_accum):
-                x = corpus.train[sampler.indices(state.step, micro_step, rank)].to(runtime.device())
-                with sat.omitting() if sat else nullcontext():
-                    step_loss = engine(input_ids=x, labels=x, use_cache=False).loss
-                    engine.backward(step_loss)
-                loss += step_loss.item() / o.grad_accum
-                with sat.guard_optimizer(engine) if sat and micro_step == o.grad_accum - 1 else nullcontext():
-                    engine.step()
+            if _is_pipeline(engine):  # the schedule runs all micro-batches and the optimizer step
+                with sat.omitting() if sat else nullcontext(), sat.guard_optimizer(engine) if sat else nullcontext():
+                    loss = engine.train_batch(pipeline_batches(corpus.train, sampler, state.step, dp_rank)).item()
+            else:
+                loss = 0.0
+                for micro_step in range(o.grad_accum):
+                    x = corpus.train[sampler.indices(state.step, micro_step, rank)].to(runtime.device())
+                    with sat.omitting() if sat else nullcontext():
+                        step_loss = engine(input_ids=x, labels=x, use_cache=False).loss
+                        engine.backward(step_loss)
+                    loss += step_loss.item() / o.grad_accum
+                    with sat.guard_optimizer(engine) if sat and micro_step == o.grad_accum - 1 else nullcontext():
+                        engine.step()
             if sat:
                 sat.end_step()
             widths = sat.widths() if sat else None
@@ -173,7 +204,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 row = {"loss": loss, "lr": lr, "level": stage.level, "omission_rate": rate,
                        "tokens_per_s": tokens_per_step / dt, "step_flops": step_flops}
             if state.step % cfg.run.eval_every == 0 or state.step == cfg.run.total_steps:
-                row["val_loss"] = evaluate(engine, corpus.val, cfg)
+                row["val_loss"] = evaluate(engine, corpus.val, cfg, dp_rank, dp_world)
             if row:
                 log.log({"step": state.step, "tokens": state.tokens, "flops": state.flops,
                          "wall_s": state.wall_s, **row}, engine.monitor)
@@ -209,7 +240,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
 def _transition(cfg, ds, engine, stage: Stage, nxt: Stage, maps, kept, log: MetricsLog, state: RunState):
     """Build the next stage's engine and fill it from the current one with the pure operators."""
-    model = new_model(nxt.config, ds, seed=None)
+    model = _new_level_model(cfg, ds, nxt.config, seed=None)
     new_engine = make_engine(model, cfg, ds)
     if nxt.level > stage.level:
         kept[stage.level] = keep_shards(engine.module)

@@ -80,10 +80,23 @@ def new_model(conf, ds: dict, seed: int | None, pretrained: str | None = None) -
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
         model = build_model(conf, pretrained)
     if pretrained is None and seed is not None:
-        generator = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
-            write_param(p, initial_value(name, getattr(p, "ds_shape", p.shape), conf, generator))
+            write_param(p, initial_value(name, getattr(p, "ds_shape", p.shape), conf, seed))
     return model
+
+
+def new_pipeline_model(conf, pp: int, seed: int, pretrained: str | None = None) -> torch.nn.Module:
+    """This rank's pipeline stage of the model, with the same weights ``new_model`` would give."""
+    from ..parallel.pipeline import load_hf_state, local_named_parameters, pipeline_llama
+
+    pipe = pipeline_llama(conf, pp)
+    if pretrained is not None:
+        load_hf_state(pipe, build_model(conf, pretrained).state_dict())
+    else:
+        with torch.no_grad():
+            for name, p in local_named_parameters(pipe):
+                p.copy_(initial_value(name, p.shape, conf, seed))
+    return pipe
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -20,10 +20,19 @@ from .params import full_param
 def export_hf(engine, conf: LlamaConfig, out_dir: Path, tokenizer=None) -> Path:
     """Collective: every rank calls it; rank 0 writes ``out_dir``."""
     state = {}
-    for name, p in engine.module.named_parameters():
-        value = full_param(p)
+    if hasattr(engine, "train_batch") and hasattr(engine, "grid"):  # pipeline: each stage sends its layers
+        from ..parallel.pipeline import local_named_parameters
+
+        local = {name: full_param(p).cpu() for name, p in local_named_parameters(engine.module)}
+        parts = [None] * dist.get_world_size() if runtime.rank() == 0 else None
+        dist.gather_object(local, parts, dst=0)
         if runtime.rank() == 0:
-            state[name] = value.cpu()
+            state = {name: value for part in parts for name, value in part.items()}
+    else:
+        for name, p in engine.module.named_parameters():
+            value = full_param(p)
+            if runtime.rank() == 0:
+                state[name] = value.cpu()
     if runtime.rank() == 0:
         model = LlamaForCausalLM(conf)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -5,6 +5,10 @@ a level transition never rounds through the 16-bit copy; writes set both the mas
 16-bit model copy. Both are collective under ZeRO (all-reduce of fragments / gather of shards):
 every rank must call them for the same parameters in the same order, one parameter at a time,
 which is what bounds a transition's extra memory to about one parameter.
+
+Under tensor parallelism (AutoTP) a split parameter's ZeRO machinery only knows this rank's block:
+reads gather the blocks over the TP group into the full tensor, writes keep this rank's block of
+the full value, so callers (level transitions, export) see the same full tensors at any TP degree.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import torch
 from deepspeed import zero
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
+from ..parallel.tensor import gather_tp, local_tp, tp_split
+
 
 def is_zero3(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
@@ -20,6 +26,12 @@ def is_zero3(p: torch.nn.Parameter) -> bool:
 
 def full_param(p: torch.nn.Parameter) -> torch.Tensor:
     """The whole parameter in fp32 on every rank (a fresh tensor, safe to keep)."""
+    local, split = _zero_full_param(p), tp_split(p)
+    return local if split is None else gather_tp(split, local)
+
+
+def _zero_full_param(p: torch.nn.Parameter) -> torch.Tensor:
+    """The parameter as this rank's model holds it (its TP block), gathered over ZeRO, in fp32."""
     master = safe_get_full_fp32_param(p)
     if master is not None:
         return master.detach().float().clone()
@@ -43,7 +55,10 @@ def write_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 
 def set_full_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Write ``value`` into the master weight (if any) and into the model's own copy."""
+    """Write the full ``value`` into the master weight (if any) and into the model's own copy."""
+    split = tp_split(p)
+    if split is not None:
+        value = local_tp(split, value)
     safe_set_full_fp32_param(p, value.float())
     write_param(p, value)
 

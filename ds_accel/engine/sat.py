@@ -13,6 +13,13 @@ What lives here and nowhere else:
   shard under ZeRO-3), the fp32 master fragment and the Adam moments (``_hp_mapping`` fragments under
   ZeRO-1/2 and bf16, ``safe_get_local_*`` partitions under ZeRO-3). The per-tensor Adam step count
   (bias correction) still advances: it is one number per flat group, shared with the kept rows.
+
+Tensor parallelism (AutoTP, see ``ds_accel.parallel.tensor``): a rank holds a block of every layer's
+heads and channels. It computes the kept units of its block only and records their importance; the
+scores are assembled over the TP group (each unit's from the rank that holds it, so they equal a
+single process's) before the data-parallel average. Selection is global, by default balanced over
+the TP blocks (:attr:`SATController.balanced`); omitted rows are frozen in this rank's block of each
+split parameter.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import torch.distributed as dist
 
 from ..config import SATConfig
 from ..flops import LayerWidth
+from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, decoder_layers, omit, omitted_slices, select
-from ..sat.omit import HeadSelection
-from ..sat.optim_guard import OmittedSlice
+from ..sat.importance import CHANNELS, HEADS
+from ..sat.omit import HeadSelection, KeepDict, TensorShard, _in_block, head_rows, unique_indices
+from ..sat.optim_guard import OmittedSlice, _complement
 from .params import is_zero3
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -66,6 +75,58 @@ def _local_copies(p: torch.nn.Parameter, optimizer) -> list[tuple[int, torch.Ten
     return copies
 
 
+def tp_omitted_slices(layers: dict[int, torch.nn.Module], keep_heads: KeepDict, keep_channels: KeepDict,
+                      shard: TensorShard) -> list[OmittedSlice]:
+    """:func:`omitted_slices` for AutoTP blocks: this rank's omitted rows / columns, as local indices.
+
+    The selection is global; each split parameter holds the rows (q/k/v, gate/up) or columns (o, down)
+    of this rank's block of heads and channels, so the omitted units are those of the block that the
+    selection does not keep, counted from the block's start.
+    """
+    slices: list[OmittedSlice] = []
+    for index, layer in layers.items():
+        attn, mlp, parts = layer.self_attn, layer.mlp, []
+        if index in keep_heads:
+            groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
+            kept = _in_block(HeadSelection.of(attn, keep_heads[index]).q_heads, shard.heads)
+            heads = HeadSelection.from_heads(kept, groups, attn.head_dim)
+            q_rows = head_rows(_complement(heads.q_heads, len(shard.heads)), attn.head_dim)
+            kv_rows = head_rows(_complement(heads.kv_heads, len(shard.heads) // groups), attn.head_dim)
+            parts += [("self_attn.q_proj", 0, q_rows), ("self_attn.k_proj", 0, kv_rows),
+                      ("self_attn.v_proj", 0, kv_rows), ("self_attn.o_proj", 1, q_rows)]
+        if index in keep_channels:
+            channels = unique_indices(keep_channels[index], mlp.intermediate_size, f"layer {index} channels")
+            omitted = _complement(_in_block(channels.to(mlp.down_proj.weight.device), shard.channels),
+                                  len(shard.channels))
+            parts += [("mlp.gate_proj", 0, omitted), ("mlp.up_proj", 0, omitted), ("mlp.down_proj", 1, omitted)]
+        for module_name, dim, omitted in parts:
+            linear = layer.get_submodule(module_name)
+            names = ["weight"] + (["bias"] if dim == 0 and linear.bias is not None else [])
+            slices += [OmittedSlice(index, f"{module_name}.{name}", getattr(linear, name), dim, omitted)
+                       for name in names if omitted.numel()]
+    return slices
+
+
+def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
+    """Each unit's score and seen flag from the TP rank that holds it, on every rank of the TP group.
+
+    A rank records only its block, so its EMA is exact there and merely decayed elsewhere; a unit's
+    EMA depends on its own statistics alone, so the assembled scores equal a single process's.
+    """
+    kinds = {HEADS: tp.shard.heads, CHANNELS: tp.shard.channels}
+    parts = []
+    for kind, block in kinds.items():
+        held = torch.zeros_like(tracker.seen[kind])
+        held[:, block.start:block.stop] = True
+        parts += [torch.where(held, tracker.score[kind], 0.0), (tracker.seen[kind] & held).float()]
+    flat = torch.cat([part.flatten() for part in parts])
+    dist.all_reduce(flat, group=tp.group)
+    values = iter(flat.split([part.numel() for part in parts]))
+    for kind in kinds:
+        tracker.score[kind].copy_(next(values).view_as(tracker.score[kind]))
+        tracker.seen[kind].copy_(next(values).view_as(tracker.seen[kind]) > 0)
+
+
 @contextmanager
 def frozen_omitted(engine, slices: list[OmittedSlice]) -> Iterator[None]:
     """Around ``engine.step()``: every local copy of the omitted elements comes out bit-identical."""
@@ -87,20 +148,35 @@ def frozen_omitted(engine, slices: list[OmittedSlice]) -> Iterator[None]:
 class SATController:
     """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, frozen omitted state."""
 
-    def __init__(self, cfg: SATConfig, model: torch.nn.Module, total_steps: int, seed: int):
+    balanced: bool = True
+    """Tensor parallelism only: select the top units within each TP rank's block, the same number on
+    every rank, rather than the global top-k (set False on an instance for the global top-k). Each rank
+    computes only its kept units and the row-parallel all-reduce waits for the slowest, so a step
+    takes as long as the rank with the most kept units: a global top-k can keep all of a layer's units
+    on one rank (at rate 0.5 and tp=2 the other rank idles and the layer saves no time). The price is
+    a per-block quota on which units survive; the rate, and the FLOPs saved, are the same."""
+
+    def __init__(self, cfg: SATConfig, model, total_steps: int, seed: int, dp_group=None, pipe_group=None):
+        """``model``: the HF model, or a pipeline stage's {layer index: block}; ``dp_group``: the ranks that
+        must select alike (default: all); ``pipe_group``: the stages whose layers make up the model."""
         self.cfg, self.seed = cfg, seed
+        self.dp_group, self.pipe_group = dp_group, pipe_group
         self.lors = LORS(total_steps, cfg.omission_rate, cfg.stage1_fraction, cfg.rungs, cfg.schedule)
         self.rate = 0.0
         self.rebind(model)
 
-    def rebind(self, model: torch.nn.Module) -> None:
+    def rebind(self, model) -> None:
         """A new model (a V-cycle level): new shapes, so importance starts afresh."""
         self.model = model
         self.layers = decoder_layers(model)
-        self.tracker = ImportanceTracker.for_model(model, decay=self.cfg.ema_decay, metric=self.cfg.metric,
-                                                   seed=self.seed)
-        self.keep_heads, self.keep_channels = {}, {}
+        self.tp = tensor_parallel(model)
         first = next(iter(self.layers.values()))
+        config = first.self_attn.config  # the full shape: under AutoTP the layers hold blocks of it
+        self.tracker = ImportanceTracker(self.layers, config.num_attention_heads, config.num_key_value_heads,
+                                         config.intermediate_size, first.self_attn.head_dim,
+                                         decay=self.cfg.ema_decay, metric=self.cfg.metric, seed=self.seed,
+                                         device=first.mlp.down_proj.weight.device)
+        self.keep_heads, self.keep_channels = {}, {}
         if is_zero3(first.mlp.down_proj.weight):
             from deepspeed import zero
 
@@ -115,32 +191,51 @@ class SATController:
         """Choose this step's heads and channels; returns the omission rate."""
         rate = self.lors.rate(step)
         if step % self.cfg.reselect_every == 0 or rate != self.rate:
+            if self.tp is not None:
+                gather_tp_scores(self.tracker, self.tp)
             self._average_scores()
-            heads, channels = select(self.tracker, rate, self.cfg.granularity,
+            shards = self.tp.size if self.tp is not None and self.balanced else 1
+            heads, channels = select(self.tracker, rate, self.cfg.granularity, num_shards=shards,
                                      head_omission_rate=rate if self.cfg.heads else 0.0)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
         self.rate = rate
         return rate
 
     def _average_scores(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.is_initialized() and dist.get_world_size(self.dp_group) > 1:
             flat = self.tracker.flat()
-            dist.all_reduce(flat)
-            self.tracker.set_flat(flat / dist.get_world_size())
+            dist.all_reduce(flat, group=self.dp_group)
+            self.tracker.set_flat(flat / dist.get_world_size(self.dp_group))
 
     def omitting(self):
         """Context for forward + backward: sliced layers, importance recorded in the same pass."""
-        return omit(self.model, self.keep_heads, self.keep_channels, self.tracker)
+        return omit(self.model, self.keep_heads, self.keep_channels, self.tracker,
+                    shard=None if self.tp is None else self.tp.shard)
+
+    def omitted(self) -> list[OmittedSlice]:
+        """This step's omitted slices of the parameters this rank holds (local indices under TP)."""
+        if self.tp is None:
+            return omitted_slices(self.model, self.keep_heads, self.keep_channels)
+        return tp_omitted_slices(self.layers, self.keep_heads, self.keep_channels, self.tp.shard)
 
     def guard_optimizer(self, engine):
-        return frozen_omitted(engine, omitted_slices(self.model, self.keep_heads, self.keep_channels))
+        return frozen_omitted(engine, self.omitted())
 
     def end_step(self) -> None:
         self.tracker.update()
 
     def widths(self) -> list[LayerWidth]:
-        """What each layer computed this step, for the FLOPs count."""
-        widths = []
+        """What each layer of the whole model computed this step (all pipeline stages), for the FLOPs count."""
+        local = self._local_widths()
+        if self.pipe_group is None:
+            return [local[i] for i in sorted(local)]
+        parts: list[dict] = [{} for _ in range(dist.get_world_size(self.pipe_group))]
+        dist.all_gather_object(parts, local, group=self.pipe_group)
+        merged = {i: w for part in parts for i, w in part.items()}
+        return [merged[i] for i in sorted(merged)]
+
+    def _local_widths(self) -> dict[int, LayerWidth]:
+        widths = {}
         for index, layer in self.layers.items():
             attn, config = layer.self_attn, layer.self_attn.config
             q, kv = config.num_attention_heads, config.num_key_value_heads
@@ -148,7 +243,7 @@ class SATController:
                 sel = HeadSelection.of(attn, self.keep_heads[index])
                 q, kv = len(sel.q_heads), len(sel.kv_heads)
             m = len(self.keep_channels[index]) if index in self.keep_channels else config.intermediate_size
-            widths.append(LayerWidth(q, kv, m))
+            widths[index] = LayerWidth(q, kv, m)
         return widths
 
     def state_dict(self) -> dict:

@@ -131,6 +131,22 @@ def _local_layers(pipe: PipelineModule) -> Iterator[tuple[str, nn.Module]]:
         yield names.get(index, f"model.layers.{index - 1}."), module
 
 
+def local_named_parameters(pipe: PipelineModule) -> Iterator[tuple[str, nn.Parameter]]:
+    """This stage's parameters under HF names; a tied head's weight under the embedding's name."""
+    aliases = LlamaForCausalLM._tied_weights_keys  # {"lm_head.weight": "model.embed_tokens.weight"}
+    for prefix, module in _local_layers(pipe):
+        tied = module in pipe.tied_modules.values()
+        for name, p in module.named_parameters():
+            key = prefix + name
+            yield (aliases.get(key, key) if tied else key), p
+
+
+def local_decoder_layers(pipe: PipelineModule) -> dict[int, LlamaPipeBlock]:
+    """{HF layer index: block} of this stage (what SAT scores and slices per stage)."""
+    return {int(prefix.split(".")[2]): module for prefix, module in _local_layers(pipe)
+            if isinstance(module, LlamaPipeBlock)}
+
+
 def load_hf_state(pipe: PipelineModule, hf_state: dict[str, torch.Tensor]) -> None:
     """Copy a ``LlamaForCausalLM`` state dict into this stage's layers (every stage passes the whole dict).
 
