@@ -67,6 +67,7 @@ class OptimConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only; norms are not decayed)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon (Llama-2's pretraining used 1e-5)
     grad_clip: float = 1.0  # DeepSpeed gradient_clipping (0 disables)
     micro_batch_size: int = 8  # per rank; fills train_micro_batch_size_per_gpu "auto"
     grad_accum: int = 1  # fills gradient_accumulation_steps "auto"
@@ -200,6 +201,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(r.save_every >= 0, f"run.save_every: must be >= 0 (0 saves only at the end), got {r.save_every}")
     _require(0 < d.val_fraction < 0.5, f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
     _require(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
+    _require(o.eps > 0, f"optim.eps: must be > 0, got {o.eps}")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     _require(0 <= o.warmup_steps < r.total_steps,
              f"optim.warmup_steps: must be in [0, run.total_steps), got {o.warmup_steps}")

@@ -111,7 +111,7 @@ def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
     """``deepspeed.initialize`` with a fresh AdamW (the V-cycle's optimizer policy is `fresh`)."""
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  fused=None if runtime.on_cpu() else True)
+                                  eps=o.eps, fused=None if runtime.on_cpu() else True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds))
     return engine
 
