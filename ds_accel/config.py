@@ -99,6 +99,7 @@ class SATConfig:
     granularity: str = "head"  # head (query heads) | kv_group (whole GQA groups)
     heads: bool = True  # omit attention heads
     channels: bool = True  # omit MLP channels
+    tp_selection: str = "balanced"  # under TP: balanced (same count per TP rank, no waiting) | global (top-k)
 
 
 @dataclass
@@ -133,6 +134,7 @@ _CHOICES = {
     "sat.schedule": ("ladder", "constant", "linear"),
     "sat.metric": ("magnitude", "random"),
     "sat.granularity": ("head", "kv_group"),
+    "sat.tp_selection": ("balanced", "global"),
 }
 
 

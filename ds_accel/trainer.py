@@ -31,8 +31,9 @@ from .flops import train_flops
 from .metrics import MetricsLog, plot_losses
 from .models import count_params, model_config
 from .multilevel.operators import level_map
-from .multilevel.vcycle import Stage, plan
+from .multilevel.vcycle import Stage, level_configs, plan
 from .parallel.pipeline import pipeline_batches, validate_layout
+from .parallel.tensor import tp_size, validate_tp
 
 
 @dataclass
@@ -110,6 +111,25 @@ def _sat_controller(cfg: TrainConfig, engine):
     return SATController(cfg.sat, engine.module, cfg.run.total_steps, cfg.run.seed)
 
 
+def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
+    """Refuse a parallel layout that can't run, before the data or any engine is built (the shapes of
+    every V-cycle level follow from the config)."""
+    pp = cfg.parallel.pp
+    if world % (pp * tp):
+        raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages x {tp} tensor-"
+                          f"parallel ranks (tensor_parallel.autotp_size in {cfg.deepspeed.config}); use sizes "
+                          "whose product divides the number of ranks")
+    if pp > 1 and tp > 1:
+        raise ConfigError("parallel.pp: pipeline and tensor parallelism together are not supported yet; use "
+                          "parallel.pp=1 with a TP config (ds_configs/tp2.json) or pp>1 with ds_configs/pp2.json")
+    shape = model_config(cfg.model, 1)  # heads, channels and layers only: any vocabulary will do
+    if pp > 1:
+        validate_layout(shape, pp, zero_stage(ds))
+    if tp > 1:
+        levels = level_configs(shape, cfg.multilevel)[1:] if cfg.multilevel.enabled else []
+        validate_tp(shape, tp, levels)
+
+
 def _new_level_model(cfg: TrainConfig, ds: dict, conf, seed: int | None, pretrained: str | None = None):
     if cfg.parallel.pp > 1:
         return new_pipeline_model(conf, cfg.parallel.pp, seed, pretrained)
@@ -130,16 +150,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     rank, world = runtime.rank(), runtime.world_size()
     out = Path(cfg.run.output_dir)
     ckpt_root = out / "checkpoints"
+    pp = cfg.parallel.pp
+    ds = resolve_ds_config(cfg, world // pp)  # DeepSpeed counts TP ranks in train_batch_size
+    tp = tp_size(ds)
+    _check_layout(cfg, ds, world, tp)
     corpus = _prepare_data(cfg)
     stages = plan(model_config(cfg.model, corpus.vocab_size), cfg.multilevel, cfg.run.total_steps)
-    pp = cfg.parallel.pp
-    if world % pp:
-        raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages; "
-                          "use a pp that divides the number of ranks")
-    dp_world = world // pp
-    ds = resolve_ds_config(cfg, dp_world)
-    if pp > 1:
-        validate_layout(stages[0].config, pp, zero_stage(ds))
+    dp_world, data_rank = world // (pp * tp), rank // tp  # AutoTP groups are consecutive ranks
     maps = _level_maps(cfg, stages) if cfg.multilevel.enabled else {}
     o = cfg.optim
     sampler = BlockSampler(len(corpus.train), o.micro_batch_size, o.grad_accum, dp_world, cfg.run.seed)
@@ -152,7 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     stage = stages[state.stage]
     pretrained = cfg.model.pretrained if stage.level == 1 and tag is None else None
     engine = make_engine(_new_level_model(cfg, ds, stage.config, cfg.run.seed, pretrained), cfg, ds)
-    dp_rank = engine.grid.get_data_parallel_rank() if _is_pipeline(engine) else rank
+    dp_rank = engine.grid.get_data_parallel_rank() if _is_pipeline(engine) else data_rank
     sat = _sat_controller(cfg, engine)
     if tag is not None:
         extra = checkpoint.load(engine, ckpt_root, tag)
@@ -182,7 +199,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             else:
                 loss = 0.0
                 for micro_step in range(o.grad_accum):
-                    x = corpus.train[sampler.indices(state.step, micro_step, rank)].to(runtime.device())
+                    x = corpus.train[sampler.indices(state.step, micro_step, dp_rank)].to(runtime.device())
                     with sat.omitting() if sat else nullcontext():
                         step_loss = engine(input_ids=x, labels=x, use_cache=False).loss
                         engine.backward(step_loss)
@@ -226,7 +243,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     save()
     final_val = next((r["val_loss"] for r in reversed(log.rows) if "val_loss" in r), None)
     result = {"step": state.step, "val_loss": final_val, "tokens": state.tokens, "flops": state.flops,
-              "wall_s": state.wall_s, "output_dir": str(out)}
+              "wall_s": state.wall_s, "output_dir": str(out),
+              "layout": {"data_parallel": dp_world, "tensor_parallel": tp, "pipeline_parallel": pp}}
     if cfg.run.export:
         result["export_dir"] = str(export_hf(engine, stage.config, out / "export",
                                              load_tokenizer(corpus.tokenizer_dir)))

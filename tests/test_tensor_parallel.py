@@ -4,6 +4,8 @@ weights and Adam moments, the gathered importance scores are the single process'
 frozen in every rank's block; a coalesce -> train -> de-coalesce + interpolate transition gives the same
 weights; validate_tp names the field and the fix."""
 
+import json
+
 import pytest
 import torch
 
@@ -187,3 +189,48 @@ def test_validate_tp_names_the_field_and_the_fix():
         validate_tp(_config(intermediate_size=174, num_key_value_heads=4), 4)
     with pytest.raises(ConfigError, match=r"parallel\.tp: must be >= 1"):
         validate_tp(tiny, 0)
+
+
+def _train(cfg_dict, stop_after=None, resume=False):
+    from ds_accel.config import from_dict
+    from ds_accel.trainer import train
+
+    train(from_dict(cfg_dict), resume=resume, stop_after=stop_after)
+    path = REPO / cfg_dict["run"]["output_dir"] / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else None
+
+
+@pytest.mark.distributed
+def test_trainer_vcycle_and_sat_tp2_equal_one_process_and_resume_mid_level(tmp_path):
+    """The whole trainer under tp=2 (ds_configs/tp2.json): a V-cycle in depth (TP splits heads, so the
+    levels keep their width here) with SAT at the global top-k, which is then the single process's
+    selection; stopped inside level 2 and resumed from DeepSpeed's TP checkpoint."""
+    ml = {"enabled": True, "width_factor": 1, "step_fractions": [0.25, 0.375, 0.375], "lr_scale": [1.0, 4.0]}
+    sat = {"enabled": True, "omission_rate": 0.5, "tp_selection": "global"}
+    optim = {"micro_batch_size": 4, "eps": 1e-3}
+
+    def run_dict(name, ds_json):
+        return tiny_overrides(tmp_path / name, optim=optim, multilevel=ml, sat=sat,
+                              deepspeed={"config": str(REPO / "ds_configs" / ds_json)})
+
+    ref = run_ranks(_train, 1, run_dict("single", "zero1.json"))[0]
+    stopped = run_dict("tp2", "tp2.json")
+    stopped["run"]["export"] = True
+    run_ranks(_train, 2, stopped, 3)
+    rows = run_ranks(_train, 2, stopped, None, True)[0]
+    losses = [(r["step"], r["level"], r["omission_rate"], r["loss"]) for r in rows if "loss" in r]
+    expected = [(r["step"], r["level"], r["omission_rate"], r["loss"]) for r in ref if "loss" in r]
+    assert [lv for _, lv, _, _ in expected] == [1, 1, 2, 2, 2, 1, 1, 1]
+    assert max(rate for _, _, rate, _ in expected) == 0.5
+    assert [x[:3] for x in losses] == [x[:3] for x in expected]
+    for (step, _, _, got), (_, _, _, want) in zip(losses, expected):
+        assert got == pytest.approx(want, rel=1e-4), step
+    assert [r["transition"] for r in rows if "transition" in r] == ["coalesce", "decoalesce+interpolate"]
+    layout = json.loads((tmp_path / "tp2" / "result.json").read_text())["layout"]
+    assert layout == {"data_parallel": 1, "tensor_parallel": 2, "pipeline_parallel": 1}
+    assert (tmp_path / "tp2" / "checkpoints" / "step000003" / "mp_rank_01_model_states.pt").exists()
+    from transformers import LlamaForCausalLM
+
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "tp2" / "export")  # TP blocks gathered whole
+    assert exported.model.layers[0].mlp.gate_proj.weight.shape == (176, 64)
+    assert exported.lm_head.weight.shape == (512, 64)

@@ -18,7 +18,7 @@ Tensor parallelism (AutoTP, see ``ds_accel.parallel.tensor``): a rank holds a bl
 heads and channels. It computes the kept units of its block only and records their importance; the
 scores are assembled over the TP group (each unit's from the rank that holds it, so they equal a
 single process's) before the data-parallel average. Selection is global, by default balanced over
-the TP blocks (:attr:`SATController.balanced`); omitted rows are frozen in this rank's block of each
+the TP blocks (``sat.tp_selection``); omitted rows are frozen in this rank's block of each
 split parameter.
 """
 
@@ -148,13 +148,12 @@ def frozen_omitted(engine, slices: list[OmittedSlice]) -> Iterator[None]:
 class SATController:
     """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, frozen omitted state."""
 
-    balanced: bool = True
-    """Tensor parallelism only: select the top units within each TP rank's block, the same number on
-    every rank, rather than the global top-k (set False on an instance for the global top-k). Each rank
-    computes only its kept units and the row-parallel all-reduce waits for the slowest, so a step
-    takes as long as the rank with the most kept units: a global top-k can keep all of a layer's units
-    on one rank (at rate 0.5 and tp=2 the other rank idles and the layer saves no time). The price is
-    a per-block quota on which units survive; the rate, and the FLOPs saved, are the same."""
+    """``cfg.tp_selection`` (tensor parallelism only): "balanced" selects the top units within each TP
+    rank's block, the same number on every rank; "global" the top-k over the layer. Each rank computes
+    only its kept units and the row-parallel all-reduce waits for the slowest, so a step takes as long
+    as the rank with the most kept units: a global top-k can keep all of a layer's units on one rank
+    (at rate 0.5 and tp=2 the other rank idles and the layer saves no time). The price of "balanced"
+    is a per-block quota on which units survive; the rate, and the FLOPs saved, are the same."""
 
     def __init__(self, cfg: SATConfig, model, total_steps: int, seed: int, dp_group=None, pipe_group=None):
         """``model``: the HF model, or a pipeline stage's {layer index: block}; ``dp_group``: the ranks that
@@ -194,7 +193,7 @@ class SATController:
             if self.tp is not None:
                 gather_tp_scores(self.tracker, self.tp)
             self._average_scores()
-            shards = self.tp.size if self.tp is not None and self.balanced else 1
+            shards = self.tp.size if self.tp is not None and self.cfg.tp_selection == "balanced" else 1
             heads, channels = select(self.tracker, rate, self.cfg.granularity, num_shards=shards,
                                      head_omission_rate=rate if self.cfg.heads else 0.0)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}

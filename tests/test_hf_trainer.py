@@ -1,0 +1,199 @@
+"""SATCallback in real transformers.Trainer runs: the step computes only the selected units (omitted
+gradients exactly zero, omitted weights and Adam moments bit-identical under AdamW weight decay, kept
+columns trained), the logged rate is LORS's, evaluation runs dense, rate 0 equals a plain Trainer run
+bit for bit, and the same holds under DeepSpeed ZeRO-1 on 2 gloo ranks, where accelerate steps the engine
+inside the last micro-batch's backward and both ranks must select the same units."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from ds_accel.config import SATConfig
+from ds_accel.integrations import SATCallback
+from ds_accel.sat import LORS, decoder_layers, omitted_slices
+from ranks import run_ranks
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+ZERO1 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 1},
+         "zero_allow_untested_optimizer": True}
+
+
+def _model() -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=176, vocab_size=512, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    tokens = torch.randint(0, 512, (n, 32), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": t, "labels": t} for t in tokens]
+
+
+def _args(out: str, steps: int, **extra) -> TrainingArguments:
+    return TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", logging_steps=1, learning_rate=1e-2, weight_decay=0.1,
+                             disable_tqdm=True, **extra)
+
+
+def _swapped(model) -> bool:
+    """Whether any attention or MLP module still runs omit()'s sliced forward."""
+    return any("forward" in vars(m) for layer in decoder_layers(model).values() for m in (layer.self_attn, layer.mlp))
+
+
+def _moments(p: torch.Tensor, optimizer, stepped: bool) -> dict[str, torch.Tensor]:
+    """Adam moments of ``p``; none before the first optimizer step (ZeRO-1/2 link them at that step)."""
+    if not stepped:
+        return {}
+    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: gathered from every rank's fragment (collective)
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        state = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
+    else:
+        state = optimizer.optimizer.state.get(p, {})
+    return {k: v.clone() for k, v in state.items() if k in MOMENTS and v is not None}
+
+
+def _omitted(t: torch.Tensor, s) -> torch.Tensor:
+    return t.index_select(s.dim, s.index)
+
+
+class Probe(TrainerCallback):
+    """Registered after SATCallback: records, per optimizer step, what the selection did to the model."""
+
+    def __init__(self, sat: SATCallback) -> None:
+        self.sat, self.steps, self.eval_dense = sat, [], []
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        c = self.sat.controller
+        self.slices = omitted_slices(model, c.keep_heads, c.keep_channels)
+        self.before = [(s.param.detach().clone(), _moments(s.param, optimizer, state.global_step > 0))
+                       for s in self.slices]
+        self.down = {i: layer.mlp.down_proj.weight.detach().clone() for i, layer in decoder_layers(model).items()}
+        self.step = {"rate": c.rate, "heads": {k: v.tolist() for k, v in c.keep_heads.items()},
+                     "channels": {k: v.tolist() for k, v in c.keep_channels.items()},
+                     "zero_grad": [], "open_between_micro_batches": [],
+                     "moments_before_nonzero": any(bool(_omitted(v, s).ne(0).any())
+                                                   for s, (_, m) in zip(self.slices, self.before) for v in m.values())}
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self.step["open_between_micro_batches"].append(_swapped(model))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for s in self.slices:
+            if s.param.grad is not None:  # under DeepSpeed the engine has stepped and cleared them already
+                self.step["zero_grad"].append(bool((_omitted(s.param.grad, s) == 0).all()))
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        frozen = []
+        for s, (weight, moments) in zip(self.slices, self.before):
+            after = _moments(s.param, optimizer, stepped=True)
+            frozen.append(torch.equal(_omitted(s.param.detach(), s), _omitted(weight, s)))
+            # a moment created by this step: zero gradients give zero moments
+            frozen += [torch.equal(_omitted(after[k], s), _omitted(moments.get(k, torch.zeros_like(after[k])), s))
+                       for k in after]
+        moved = [(layer.mlp.down_proj.weight.detach() != self.down[i])[:, self.step["channels"].get(i, slice(None))]
+                 for i, layer in decoder_layers(model).items()]
+        self.step.update(frozen=frozen, kept_columns_moved=all(bool(m.any(0).all()) for m in moved),
+                         dense_after_step=not _swapped(model))
+        self.steps.append(self.step)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.eval_dense.append(not _swapped(model) and model.config.use_cache == args.use_cache)
+
+
+def _check_steps(steps: list[dict], total: int) -> None:
+    omitting = [s for s in steps if s["rate"] > 0]
+    assert len(steps) == total and omitting
+    for s in omitting:
+        assert s["frozen"] and all(s["frozen"]), "an omitted weight or Adam moment moved in the optimizer step"
+        assert s["kept_columns_moved"], "a kept down_proj column did not train"
+        assert all(s["open_between_micro_batches"]), "the sliced forward was not in place for every micro-batch"
+    assert all(s["dense_after_step"] for s in steps)
+    # step 1 omits channels that step 0 trained (never-seen units rank first): their moments are nonzero
+    assert steps[0]["channels"] != steps[1]["channels"] and steps[1]["moments_before_nonzero"]
+    assert [s["rate"] for s in steps] == [LORS(total, 0.5, 0.5, 4).rate(i) for i in range(total)]
+
+
+def test_sat_callback_omits_units_and_freezes_their_state(tmp_path):
+    steps = 4
+    model = _model()
+    sat = SATCallback(SATConfig(omission_rate=0.5, stage1_fraction=0.5, rungs=4))
+    probe = Probe(sat)
+    args = _args(str(tmp_path), steps, gradient_accumulation_steps=2, use_cpu=True, use_cache=True,
+                 eval_strategy="steps", eval_steps=1)  # use_cache: off while heads are omitted, restored after
+    trainer = Trainer(model=model, args=args, train_dataset=_data(16, 1), eval_dataset=_data(4, 2),
+                      callbacks=[sat, probe])
+    trainer.train()
+
+    _check_steps(probe.steps, steps)
+    assert all(s["zero_grad"] for s in probe.steps if s["rate"] > 0)
+    assert sum(len(s["zero_grad"]) for s in probe.steps) > 20
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(entry["loss"]) for entry in logs)
+    assert [entry["sat_omission_rate"] for entry in logs] == [0.5, 0.5, 1 / 3, 0.0]
+    assert probe.eval_dense == [True] * steps, "evaluation during training did not run dense"
+    assert not _swapped(model) and model.config.use_cache
+
+
+def test_rate_zero_equals_plain_trainer(tmp_path):
+    def run(callbacks):
+        model = _model()
+        Trainer(model=model, args=_args(str(tmp_path), 2, use_cpu=True), train_dataset=_data(4, 1),
+                callbacks=callbacks).train()
+        return model
+
+    sat = SATCallback(SATConfig(omission_rate=0.0))
+    plain, with_sat = run([]), run([sat])
+    for (name, p), q in zip(plain.named_parameters(), with_sat.parameters()):
+        assert torch.equal(p, q), name
+    assert all(seen.all() for seen in sat.controller.tracker.seen.values()), "rate 0 must still record importance"
+
+
+def test_close_after_a_failed_step_restores_the_dense_model(tmp_path):
+    class Fail(TrainerCallback):
+        def on_optimizer_step(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    model = _model()
+    sat = SATCallback(SATConfig(omission_rate=0.5))
+    trainer = Trainer(model=model, args=_args(str(tmp_path), 2, use_cpu=True, use_cache=True),
+                      train_dataset=_data(4, 1), callbacks=[sat, Fail()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert _swapped(model) and not model.config.use_cache  # a callback does not see the exception
+    sat.close()
+    assert not _swapped(model) and model.config.use_cache
+
+
+def _deepspeed_run(steps: int) -> dict:
+    import tempfile
+
+    model = _model()
+    sat = SATCallback(SATConfig(omission_rate=0.5, stage1_fraction=0.5, rungs=4))
+    probe = Probe(sat)
+    with tempfile.TemporaryDirectory() as out:
+        # use_cpu: without it accelerate finds no device backend and sizes the batch for 1 process
+        args = _args(out, steps, gradient_accumulation_steps=2, deepspeed=ZERO1, use_cpu=True)
+        trainer = Trainer(model=model, args=args, train_dataset=_data(32, 1), callbacks=[sat, probe])
+        trainer.train()
+    return {"steps": probe.steps, "engine": type(trainer.model_wrapped).__name__,
+            "logs": [entry for entry in trainer.state.log_history if "loss" in entry]}
+
+
+@pytest.mark.distributed
+def test_sat_callback_under_deepspeed_zero1():
+    steps = 4
+    ranks = run_ranks(_deepspeed_run, 2, steps)
+    for r in ranks:
+        assert r["engine"] == "DeepSpeedEngine"
+        _check_steps(r["steps"], steps)
+        assert all(math.isfinite(entry["loss"]) for entry in r["logs"])
+        assert [entry["sat_omission_rate"] for entry in r["logs"]] == [s["rate"] for s in r["steps"]]
+    selection = [[(s["heads"], s["channels"]) for s in r["steps"]] for r in ranks]
+    assert selection[0] == selection[1], "ranks omitted different units (scores not averaged over DP)"
