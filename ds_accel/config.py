@@ -104,7 +104,7 @@ class SATConfig:
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1  # pipeline stages (DeepSpeed PipelineModule; ZeRO-0/1 only); data parallel = world / pp
+    pp: int = 1  # pipeline stages (DeepSpeed PipelineModule; ZeRO-0/1 only); TP is the DS config's autotp_size
 
 
 @dataclass

@@ -30,10 +30,9 @@ def _hf_model(tied: bool):
 
     conf = llama_config("tiny", 512, tie=tied)
     model = LlamaForCausalLM(conf)
-    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(initial_value(name, p.shape, conf, generator))
+            p.copy_(initial_value(name, p.shape, conf, seed=0))
     return model
 
 
