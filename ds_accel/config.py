@@ -82,6 +82,7 @@ class MultiLevelConfig:
     pairing: str = "half"  # half (i with i+n/2) | adjacent (2i with 2i+1)
     step_fractions: list[float] = field(default_factory=lambda: [0.1, 0.45, 0.45])  # per V-cycle stage, down then up (2*levels-1 values, sum 1)
     lr_scale: list[float] = field(default_factory=lambda: [1.0, 4.0])  # peak LR multiplier per level
+    lr_schedule: str = "stage"  # stage: warm-up/cosine afresh per V-cycle stage (authors' code) | run: one cosine
     alpha: float = 0.5  # interpolation weight of the de-coalesced model
     optimizer_policy: str = "fresh"  # fresh: new optimizer state at each transition (the authors' code)
 
@@ -131,6 +132,7 @@ _CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16"),
     "multilevel.pairing": ("half", "adjacent"),
     "multilevel.optimizer_policy": ("fresh",),
+    "multilevel.lr_schedule": ("stage", "run"),
     "sat.schedule": ("ladder", "constant", "linear"),
     "sat.metric": ("magnitude", "random"),
     "sat.granularity": ("head", "kv_group"),
@@ -212,9 +214,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= s.ema_decay < 1, f"sat.ema_decay: must be in [0, 1), got {s.ema_decay}")
     _require(0 <= m.alpha <= 1, f"multilevel.alpha: must be in [0, 1], got {m.alpha}")
     _require(cfg.parallel.pp >= 1, f"parallel.pp: must be >= 1, got {cfg.parallel.pp}")
-    _require(not (m.enabled and cfg.parallel.pp > 1),
-             "multilevel.enabled: V-cycle transitions under pipeline parallelism are not supported yet; "
-             "use parallel.pp=1 with ZeRO (any stage) for multi-level runs")
     if m.enabled:
         n_stages = 2 * m.levels - 1
         _require(m.levels >= 2, "multilevel.levels: must be >= 2 when multilevel.enabled (1 is dense training)")

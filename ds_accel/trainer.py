@@ -26,7 +26,7 @@ from .data import BlockSampler, Corpus, load_tokenizer, prepare
 from .config import ConfigError
 from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr, zero_stage
 from .engine.export import export_hf
-from .engine.transitions import coalesce_into, decoalesce_into, keep_shards
+from .engine.transitions import LevelParams, coalesce_into, decoalesce_into, keep_shards
 from .flops import train_flops
 from .metrics import MetricsLog, plot_losses
 from .models import count_params, model_config
@@ -48,15 +48,26 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def lr_at(cfg: TrainConfig, step: int, scale: float) -> float:
-    """Linear warm-up then cosine to ``lr * min_lr_ratio`` over the whole run, times the level's scale."""
-    o, total = cfg.optim, cfg.run.total_steps
-    if step < o.warmup_steps:
-        factor = (step + 1) / o.warmup_steps
+def lr_at(cfg: TrainConfig, step: int, stage: Stage) -> float:
+    """Peak LR times the level's ``lr_scale``, times linear warm-up then cosine to ``min_lr_ratio``.
+
+    The warm-up + cosine runs over the whole run, or, with ``multilevel.lr_schedule: stage`` (the
+    authors' code), afresh over each V-cycle stage: every stage is a new run from its level's peak,
+    and only the first stage warms up. A fresh optimizer at a low LR learns slowly, and after a
+    transition the model's loss is where the whole-run cosine would have had it at a high LR.
+    """
+    o = cfg.optim
+    if cfg.multilevel.enabled and cfg.multilevel.lr_schedule == "stage":
+        start, total, warmup = stage.start, stage.steps, o.warmup_steps if stage.index == 0 else 0
     else:
-        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        start, total, warmup = 0, cfg.run.total_steps, o.warmup_steps
+    t = step - start
+    if t < warmup:
+        factor = (t + 1) / warmup
+    else:
+        progress = (t - warmup) / max(1, total - warmup)
         factor = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return o.lr * scale * factor
+    return o.lr * stage.lr_scale * factor
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -97,37 +108,43 @@ def _prepare_data(cfg: TrainConfig) -> Corpus:
     return corpus if runtime.rank() == 0 else prepare(cfg.data)
 
 
+def _sat_layers(engine):
+    """What SAT scores and slices on this rank: the whole model, or its pipeline stage's blocks."""
+    if _is_pipeline(engine):
+        from .parallel.pipeline import local_decoder_layers
+
+        return local_decoder_layers(engine.module)
+    return engine.module
+
+
 def _sat_controller(cfg: TrainConfig, engine):
-    """SAT for the layers this rank computes: the whole model, or its pipeline stage's blocks."""
     if not cfg.sat.enabled:
         return None
     from .engine.sat import SATController
 
-    if _is_pipeline(engine):
-        from .parallel.pipeline import local_decoder_layers
-
-        return SATController(cfg.sat, local_decoder_layers(engine.module), cfg.run.total_steps, cfg.run.seed,
-                             engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group())
-    return SATController(cfg.sat, engine.module, cfg.run.total_steps, cfg.run.seed)
+    groups = (engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group()) \
+        if _is_pipeline(engine) else ()
+    return SATController(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups)
 
 
 def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
     """Refuse a parallel layout that can't run, before the data or any engine is built (the shapes of
     every V-cycle level follow from the config)."""
     pp = cfg.parallel.pp
-    if world % (pp * tp):
-        raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages x {tp} tensor-"
-                          f"parallel ranks (tensor_parallel.autotp_size in {cfg.deepspeed.config}); use sizes "
-                          "whose product divides the number of ranks")
     if pp > 1 and tp > 1:
         raise ConfigError("parallel.pp: pipeline and tensor parallelism together are not supported yet; use "
                           "parallel.pp=1 with a TP config (ds_configs/tp2.json) or pp>1 with ds_configs/pp2.json")
     shape = model_config(cfg.model, 1)  # heads, channels and layers only: any vocabulary will do
+    levels = level_configs(shape, cfg.multilevel)[1:] if cfg.multilevel.enabled else []
     if pp > 1:
-        validate_layout(shape, pp, zero_stage(ds))
+        for where, conf in [("the model", shape)] + [(f"V-cycle level {i}", c) for i, c in enumerate(levels, 2)]:
+            validate_layout(conf, pp, zero_stage(ds), where)
     if tp > 1:
-        levels = level_configs(shape, cfg.multilevel)[1:] if cfg.multilevel.enabled else []
         validate_tp(shape, tp, levels)
+    if world % (pp * tp):
+        raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages x {tp} tensor-"
+                          f"parallel ranks (tensor_parallel.autotp_size in {cfg.deepspeed.config}); use sizes "
+                          "whose product divides the number of ranks")
 
 
 def _new_level_model(cfg: TrainConfig, ds: dict, conf, seed: int | None, pretrained: str | None = None):
@@ -190,7 +207,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 save()
                 return {"stopped_at": state.step}
             t0 = time.perf_counter()
-            lr = lr_at(cfg, state.step, stage.lr_scale)
+            lr = lr_at(cfg, state.step, stage)
             set_lr(engine, lr)
             rate = sat.begin_step(state.step) if sat else 0.0
             if _is_pipeline(engine):  # the schedule runs all micro-batches and the optimizer step
@@ -236,7 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         engine, stage = _transition(cfg, ds, engine, stage, stages[state.stage + 1], maps, kept, log, state)
         state.stage = stage.index
         if sat is not None:
-            sat.rebind(engine.module)
+            sat.rebind(_sat_layers(engine))
 
     if bar is not None:
         bar.close()
@@ -260,12 +277,13 @@ def _transition(cfg, ds, engine, stage: Stage, nxt: Stage, maps, kept, log: Metr
     """Build the next stage's engine and fill it from the current one with the pure operators."""
     model = _new_level_model(cfg, ds, nxt.config, seed=None)
     new_engine = make_engine(model, cfg, ds)
+    old, new = LevelParams.of(engine.module, stage.config), LevelParams.of(new_engine.module, nxt.config)
     if nxt.level > stage.level:
-        kept[stage.level] = keep_shards(engine.module)
-        coalesce_into(engine.module, new_engine.module, maps[nxt.level])
+        kept[stage.level] = keep_shards(old)
+        coalesce_into(old, new, maps[nxt.level])
         kind = "coalesce"
     else:
-        decoalesce_into(engine.module, new_engine.module, maps[stage.level], kept.pop(nxt.level),
+        decoalesce_into(old, new, maps[stage.level], kept.pop(nxt.level),
                         cfg.multilevel.alpha)
         kind = "decoalesce+interpolate"
     free_engine(engine)

@@ -53,8 +53,50 @@ def test_pipeline_trainer_matches_one_process(tmp_path, sat):
 
 def test_pipeline_layout_errors(tmp_path):
     from ds_accel.config import ConfigError, from_dict
+    from ds_accel.trainer import train
 
-    with pytest.raises(ConfigError, match="multilevel.enabled"):
-        from_dict(tiny_overrides(tmp_path, parallel={"pp": 2}, multilevel={"enabled": True}))
     with pytest.raises(ConfigError, match="parallel.pp"):
         from_dict(tiny_overrides(tmp_path, parallel={"pp": 0}))
+    pp2 = {"config": str(REPO / "ds_configs" / "pp2.json")}
+    three_levels = from_dict(tiny_overrides(tmp_path / "ml3", parallel={"pp": 2}, deepspeed=pp2,
+                                            multilevel={"enabled": True, "levels": 3, "width_factor": 1,
+                                                        "step_fractions": [0.2, 0.2, 0.2, 0.2, 0.2],
+                                                        "lr_scale": [1.0, 2.0, 4.0]}))
+    with pytest.raises(ConfigError, match=r"^parallel\.pp: 2 pipeline stages need at least 2 decoder layers, "
+                                          r"V-cycle level 3 has 1; .*multilevel\.depth_factor=1"):
+        train(three_levels)  # tiny: 4 layers, 2 at level 2, 1 at level 3
+    assert not (tmp_path / "ml3").exists(), "the layout error came after work had started"
+    zero3 = from_dict(tiny_overrides(tmp_path / "z3", parallel={"pp": 2},
+                                     deepspeed={"config": str(REPO / "ds_configs" / "zero3.json")}))
+    with pytest.raises(ConfigError, match="ZeRO-2/3 are incompatible with pipeline parallelism"):
+        train(zero3)
+
+
+def _train_stopped(cfg_dict, stop_after=None, resume=False):
+    from ds_accel.config import from_dict
+    from ds_accel.trainer import train
+
+    train(from_dict(cfg_dict), resume=resume, stop_after=stop_after)
+    return [json.loads(x) for x in Path(cfg_dict["run"]["output_dir"], "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+def test_pipeline_vcycle_with_sat_matches_one_process_and_resumes_mid_level(tmp_path):
+    """V-cycle + SAT under pp=2: level 2 (2 layers) re-partitions over the same 2 stages, the
+    transitions move parameters between stages that hold different layers at the two levels (half
+    pairing pairs layer 0 with 2, on the other stage), tied embedding/head on both end stages."""
+    ml = {"enabled": True, "step_fractions": [0.25, 0.375, 0.375], "lr_scale": [1.0, 4.0]}
+    optim = {"eps": 1e-3}  # Adam's g / (|g| + eps) amplifies reduction-order rounding on tiny gradients
+    single = tiny_overrides(tmp_path / "single", multilevel=ml, sat=SAT, optim=optim)
+    piped = tiny_overrides(tmp_path / "pp2", multilevel=ml, sat=SAT, optim=optim, parallel={"pp": 2},
+                           deepspeed={"config": str(REPO / "ds_configs" / "pp2.json")})
+    ref = run_ranks(_train_stopped, 1, single)[0]
+    run_ranks(_train_stopped, 2, piped, 3)  # stops inside level 2
+    rows = run_ranks(_train_stopped, 2, piped, None, True)[0]
+    assert [r["level"] for r in ref if "loss" in r] == [1, 1, 2, 2, 2, 1, 1, 1]
+    assert [r["transition"] for r in rows if "transition" in r] == ["coalesce", "decoalesce+interpolate"]
+    for (s1, l1, v1, f1, r1), (s2, l2, v2, f2, r2) in zip(_curve(ref), _curve(rows), strict=True):
+        assert (s1, f1, r1) == (s2, f2, r2)
+        assert l2 == pytest.approx(l1, rel=5e-5), s1
+        assert v1 is None or v2 == pytest.approx(v1, rel=5e-5), s1
+    assert {r for *_, r in _curve(rows)} >= {0.5, 0.0}

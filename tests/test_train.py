@@ -55,3 +55,31 @@ def test_export_loads_and_matches_the_trained_model(tiny_cfg):
     out = model.generate(x[:1, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
     assert (Path(result["export_dir"]) / "tokenizer_config.json").is_file()
+
+
+def test_lr_schedule_restarts_per_stage_or_runs_once(tiny_cfg):
+    """multilevel.lr_schedule: "stage" warms up in the first stage only and starts every later stage at
+    its level's peak, cosine to min_lr_ratio within the stage; "run" is one warm-up + cosine."""
+    from dataclasses import replace
+    from math import cos, pi
+
+    from ds_accel.models import llama_config
+    from ds_accel.multilevel.vcycle import plan
+    from ds_accel.trainer import lr_at
+
+    ml = {"enabled": True, "step_fractions": [0.25, 0.375, 0.375], "lr_scale": [1.0, 4.0]}
+    cfg = tiny_cfg(multilevel=ml, run={"total_steps": 16}, optim={"lr": 1e-3, "warmup_steps": 2, "min_lr_ratio": 0.1})
+    stages = plan(llama_config("tiny", 512), cfg.multilevel, 16)
+    assert [(s.start, s.end) for s in stages] == [(0, 4), (4, 10), (10, 16)]
+
+    def stage_of(step):
+        return next(s for s in stages if s.start <= step < s.end)
+
+    lrs = [lr_at(cfg, t, stage_of(t)) for t in range(16)]
+    assert lrs[0] == pytest.approx(0.5e-3) and lrs[1] == pytest.approx(1e-3)
+    assert lrs[4] == pytest.approx(4e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[9] == pytest.approx(4e-3 * (0.1 + 0.45 * (1 + cos(pi * 5 / 6))))
+    assert lrs[15] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + cos(pi * 5 / 6))))
+    once = replace(cfg, multilevel=replace(cfg.multilevel, lr_schedule="run"))
+    assert lr_at(once, 4, stage_of(4)) == pytest.approx(4e-3 * (0.1 + 0.45 * (1 + cos(pi * 2 / 14))))
+    assert lr_at(once, 10, stage_of(10)) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + cos(pi * 8 / 14))))

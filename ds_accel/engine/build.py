@@ -85,14 +85,15 @@ def new_model(conf, ds: dict, seed: int | None, pretrained: str | None = None) -
     return model
 
 
-def new_pipeline_model(conf, pp: int, seed: int, pretrained: str | None = None) -> torch.nn.Module:
-    """This rank's pipeline stage of the model, with the same weights ``new_model`` would give."""
+def new_pipeline_model(conf, pp: int, seed: int | None, pretrained: str | None = None) -> torch.nn.Module:
+    """This rank's pipeline stage of the model, with the same weights ``new_model`` would give
+    (``seed`` None: DeepSpeed's default init, to be overwritten by a level transition)."""
     from ..parallel.pipeline import load_hf_state, local_named_parameters, pipeline_llama
 
     pipe = pipeline_llama(conf, pp)
     if pretrained is not None:
         load_hf_state(pipe, build_model(conf, pretrained).state_dict())
-    else:
+    elif seed is not None:
         with torch.no_grad():
             for name, p in local_named_parameters(pipe):
                 p.copy_(initial_value(name, p.shape, conf, seed))

@@ -25,6 +25,7 @@ split parameter.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -35,8 +36,8 @@ from ..flops import LayerWidth
 from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, decoder_layers, omit, omitted_slices, select
 from ..sat.importance import CHANNELS, HEADS
-from ..sat.omit import HeadSelection, KeepDict, TensorShard, _in_block, head_rows, unique_indices
-from ..sat.optim_guard import OmittedSlice, _complement
+from ..sat.omit import HeadSelection
+from ..sat.optim_guard import OmittedSlice
 from .params import is_zero3
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -75,38 +76,6 @@ def _local_copies(p: torch.nn.Parameter, optimizer) -> list[tuple[int, torch.Ten
     return copies
 
 
-def tp_omitted_slices(layers: dict[int, torch.nn.Module], keep_heads: KeepDict, keep_channels: KeepDict,
-                      shard: TensorShard) -> list[OmittedSlice]:
-    """:func:`omitted_slices` for AutoTP blocks: this rank's omitted rows / columns, as local indices.
-
-    The selection is global; each split parameter holds the rows (q/k/v, gate/up) or columns (o, down)
-    of this rank's block of heads and channels, so the omitted units are those of the block that the
-    selection does not keep, counted from the block's start.
-    """
-    slices: list[OmittedSlice] = []
-    for index, layer in layers.items():
-        attn, mlp, parts = layer.self_attn, layer.mlp, []
-        if index in keep_heads:
-            groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
-            kept = _in_block(HeadSelection.of(attn, keep_heads[index]).q_heads, shard.heads)
-            heads = HeadSelection.from_heads(kept, groups, attn.head_dim)
-            q_rows = head_rows(_complement(heads.q_heads, len(shard.heads)), attn.head_dim)
-            kv_rows = head_rows(_complement(heads.kv_heads, len(shard.heads) // groups), attn.head_dim)
-            parts += [("self_attn.q_proj", 0, q_rows), ("self_attn.k_proj", 0, kv_rows),
-                      ("self_attn.v_proj", 0, kv_rows), ("self_attn.o_proj", 1, q_rows)]
-        if index in keep_channels:
-            channels = unique_indices(keep_channels[index], mlp.intermediate_size, f"layer {index} channels")
-            omitted = _complement(_in_block(channels.to(mlp.down_proj.weight.device), shard.channels),
-                                  len(shard.channels))
-            parts += [("mlp.gate_proj", 0, omitted), ("mlp.up_proj", 0, omitted), ("mlp.down_proj", 1, omitted)]
-        for module_name, dim, omitted in parts:
-            linear = layer.get_submodule(module_name)
-            names = ["weight"] + (["bias"] if dim == 0 and linear.bias is not None else [])
-            slices += [OmittedSlice(index, f"{module_name}.{name}", getattr(linear, name), dim, omitted)
-                       for name in names if omitted.numel()]
-    return slices
-
-
 def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
     """Each unit's score and seen flag from the TP rank that holds it, on every rank of the TP group.
 
@@ -129,26 +98,37 @@ def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
 
 @contextmanager
 def frozen_omitted(engine, slices: list[OmittedSlice]) -> Iterator[None]:
-    """Around ``engine.step()``: every local copy of the omitted elements comes out bit-identical."""
-    saved = []
+    """Around ``engine.step()``: every local copy of the omitted elements comes out bit-identical.
+
+    A copy holding the whole parameter (ZeRO-0, or the model weight under ZeRO-1/2) saves its omitted
+    rows / columns with ``index_select``; a flat fragment of a partition (master and moments under
+    ZeRO-1/2/3) the omitted elements that fall inside it, by flat position.
+    """
+    restore = []
     with torch.no_grad():
         for s in slices:
-            positions = _flat_positions(s)
+            shape = getattr(s.param, "ds_shape", s.param.shape)
+            positions = None
             for offset, view in _local_copies(s.param, engine.optimizer):
+                if offset == 0 and view.numel() == shape.numel():
+                    whole = view.view(shape)
+                    restore.append(partial(whole.index_copy_, s.dim, s.index, whole.index_select(s.dim, s.index)))
+                    continue
+                positions = _flat_positions(s) if positions is None else positions
                 local = positions - offset
                 local = local[(local >= 0) & (local < view.numel())]
                 if local.numel():
-                    saved.append((view, local, view[local].clone()))
+                    restore.append(partial(view.index_put_, (local,), view[local]))
     yield
     with torch.no_grad():
-        for view, local, values in saved:  # the views alias DeepSpeed's buffers, updated in place by the step
-            view[local] = values
+        for write_back in restore:  # the views alias DeepSpeed's buffers, updated in place by the step
+            write_back()
 
 
 class SATController:
-    """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, frozen omitted state."""
+    """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, frozen omitted state.
 
-    """``cfg.tp_selection`` (tensor parallelism only): "balanced" selects the top units within each TP
+    ``cfg.tp_selection`` (tensor parallelism only): "balanced" selects the top units within each TP
     rank's block, the same number on every rank; "global" the top-k over the layer. Each rank computes
     only its kept units and the row-parallel all-reduce waits for the slowest, so a step takes as long
     as the rank with the most kept units: a global top-k can keep all of a layer's units on one rank
@@ -213,9 +193,8 @@ class SATController:
 
     def omitted(self) -> list[OmittedSlice]:
         """This step's omitted slices of the parameters this rank holds (local indices under TP)."""
-        if self.tp is None:
-            return omitted_slices(self.model, self.keep_heads, self.keep_channels)
-        return tp_omitted_slices(self.layers, self.keep_heads, self.keep_channels, self.tp.shard)
+        return omitted_slices(self.layers, self.keep_heads, self.keep_channels,
+                              None if self.tp is None else self.tp.shard)
 
     def guard_optimizer(self, engine):
         return frozen_omitted(engine, self.omitted())

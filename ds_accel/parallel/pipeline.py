@@ -83,16 +83,20 @@ def layer_specs(config: LlamaConfig) -> list[LayerSpec]:
     return [first, *blocks, LayerSpec(LlamaRMSNorm, hidden, eps=config.rms_norm_eps), head]
 
 
-def validate_layout(config: LlamaConfig, pp: int, zero_stage: int) -> None:
-    """Refuse layouts DeepSpeed would reject late (at ``initialize``) or run with an empty stage."""
+def validate_layout(config: LlamaConfig, pp: int, zero_stage: int, where: str = "the model") -> None:
+    """Refuse layouts DeepSpeed would reject late (at ``initialize``) or run with an empty stage.
+
+    ``where``: which model ``config`` is, for the message (a V-cycle level has fewer layers).
+    """
     if pp < 1:
         raise ConfigError(f"parallel.pp: the number of pipeline stages must be >= 1, got {pp}")
     if pp > 1 and zero_stage >= 2:
         raise ConfigError("deepspeed.config: ZeRO-2/3 are incompatible with pipeline parallelism; "
                           "use ds_configs/pp2.json (ZeRO-1)")
     if config.num_hidden_layers < pp:
-        raise ConfigError(f"parallel.pp: {pp} pipeline stages need at least {pp} decoder layers, the model has "
-                          f"{config.num_hidden_layers}; use pp <= {config.num_hidden_layers} or a deeper model")
+        fix = " (or multilevel.depth_factor=1, or fewer multilevel.levels)" if where != "the model" else ""
+        raise ConfigError(f"parallel.pp: {pp} pipeline stages need at least {pp} decoder layers, {where} has "
+                          f"{config.num_hidden_layers}; use pp <= {config.num_hidden_layers} or a deeper model{fix}")
 
 
 def pipeline_llama(config: LlamaConfig, num_stages: int, partition_method: str = "uniform") -> PipelineModule:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ds_accel.sat.omit import KeepDict, HeadSelection, decoder_layers, head_rows, unique_indices
+from ds_accel.sat.omit import (HeadSelection, KeepDict, TensorShard, _in_block, decoder_layers, head_rows,
+                               unique_indices)
 
 
 @dataclass(frozen=True)
@@ -50,28 +51,37 @@ def _complement(kept: Tensor, n: int) -> Tensor:
     return mask.nonzero().flatten()
 
 
-def omitted_slices(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict) -> list[OmittedSlice]:
+def omitted_slices(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
+                   shard: TensorShard | None = None) -> list[OmittedSlice]:
     """Every omitted parameter slice of a selection (the inverse view of :func:`omit`).
 
     Heads: rows of q_proj (weight, bias) of the omitted query heads, rows of k_proj / v_proj of the KV
     heads no kept query head uses, columns of o_proj.weight of the omitted query heads. Channels: rows
     of gate_proj / up_proj (weight, bias), columns of down_proj.weight. The output biases of o_proj and
     down_proj always take part and are never omitted.
+
+    ``shard`` (tensor parallelism): this rank's block of heads and channels; the selection is global,
+    the slices index the rows / columns of the block this rank holds.
     """
     slices: list[OmittedSlice] = []
     for index, layer in decoder_layers(model_or_layers).items():
         parts: list[tuple[str, int, Tensor]] = []
         attn, mlp = layer.self_attn, layer.mlp
+        n_heads = attn.config.num_attention_heads if shard is None else len(shard.heads)
+        n_channels = mlp.intermediate_size if shard is None else len(shard.channels)
+        groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
         if index in keep_heads:
             heads = HeadSelection.of(attn, keep_heads[index])
-            q_rows = head_rows(_complement(heads.q_heads, attn.config.num_attention_heads), attn.head_dim)
-            kv_rows = head_rows(_complement(heads.kv_heads, attn.config.num_key_value_heads), attn.head_dim)
+            if shard is not None:
+                heads = HeadSelection.from_heads(_in_block(heads.q_heads, shard.heads), groups, attn.head_dim)
+            q_rows = head_rows(_complement(heads.q_heads, n_heads), attn.head_dim)
+            kv_rows = head_rows(_complement(heads.kv_heads, n_heads // groups), attn.head_dim)
             parts += [("self_attn.q_proj", 0, q_rows), ("self_attn.k_proj", 0, kv_rows),
                       ("self_attn.v_proj", 0, kv_rows), ("self_attn.o_proj", 1, q_rows)]
         if index in keep_channels:
-            n = mlp.down_proj.in_features
-            kept = unique_indices(keep_channels[index], n, f"layer {index} channels")
-            omitted = _complement(kept.to(mlp.down_proj.weight.device), n)
+            kept = unique_indices(keep_channels[index], mlp.intermediate_size, f"layer {index} channels")
+            kept = kept.to(mlp.down_proj.weight.device)
+            omitted = _complement(kept if shard is None else _in_block(kept, shard.channels), n_channels)
             parts += [("mlp.gate_proj", 0, omitted), ("mlp.up_proj", 0, omitted), ("mlp.down_proj", 1, omitted)]
         for module_name, dim, omitted in parts:
             linear = layer.get_submodule(module_name)
