@@ -141,7 +141,8 @@ _CHOICES = {
 
 
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Coerce ints to floats where a float is declared; reject everything else that does not fit."""
+    """Coerce ints (and YAML's unparsed exponents like "1e-3") to floats where a float is declared;
+    reject everything else that does not fit."""
     hint = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if hint in (typing.Union, types.UnionType):
@@ -155,6 +156,11 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
         return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
         raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r}")
     return value

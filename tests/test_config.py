@@ -37,6 +37,9 @@ def test_defaults_validate():
     ({"multilevel__enabled": True, "multilevel__lr_scale": [1.0]}, "multilevel.lr_scale"),
     ({"deepspeed__config": "ds_configs/zero9.json"}, "deepspeed.config"),
     ({"optim__warmup_steps": 100}, "optim.warmup_steps"),
+    ({"optim__eps": 0.0}, "optim.eps"),
+    ({"sat__tp_selection": "round-robin"}, "sat.tp_selection"),
+    ({"multilevel__lr_schedule": "cosine"}, "multilevel.lr_schedule"),
 ])
 def test_bad_field_is_named(tmp_path, change, field):
     assert _error(tmp_path, **change).startswith(field)
@@ -46,6 +49,15 @@ def test_float_field_accepts_int(tmp_path):
     data = tiny_overrides(tmp_path)
     data["optim"]["lr"] = 1
     assert from_dict(data).optim.lr == 1.0
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-3`` as a string, in files and in ``--set optim.lr=1e-3``."""
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  lr: 1e-3\n  eps: 1e-5\n")
+    cfg = load(str(config), ["sat.omission_rate=25e-2"])
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.sat.omission_rate) == (1e-3, 1e-5, 0.25)
+    assert _error(tmp_path, optim__lr="fast").startswith("optim.lr: expected float, got 'fast'")
 
 
 def test_cli_prints_one_line_without_traceback(tmp_path):

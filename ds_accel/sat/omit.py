@@ -96,7 +96,7 @@ class TensorShard:
     reduce: Callable[[Tensor], Tensor]
 
 
-def _in_block(kept: Tensor, block: range) -> Tensor:
+def in_block(kept: Tensor, block: range) -> Tensor:
     """The kept indices that fall in ``block``, relative to its start (this rank's local indices)."""
     return kept[(kept >= block.start) & (kept < block.stop)] - block.start
 
@@ -232,7 +232,7 @@ def _omit_attention(attn: nn.Module, kept: Tensor | None, record: Recorder | Non
     if heads is None or heads.q_heads.numel() == attn.config.num_attention_heads:
         return _observe_dense(attn.o_proj, record, None if shard is None else shard.heads)
     if shard is not None:
-        local = _in_block(heads.q_heads, shard.heads)
+        local = in_block(heads.q_heads, shard.heads)
         groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
         heads = HeadSelection.from_heads(local, groups, attn.head_dim) if local.numel() else None
     if record is not None and heads is not None:
@@ -248,7 +248,7 @@ def _omit_mlp(mlp: nn.Module, kept: Tensor | None, record: Recorder | None,
     if channels is None or channels.numel() == n:
         return _observe_dense(mlp.down_proj, record, None if shard is None else shard.channels)
     if shard is not None:
-        local = _in_block(channels, shard.channels)
+        local = in_block(channels, shard.channels)
         channels = local if local.numel() else None
     if record is not None and channels is not None:
         record = partial(record, kept=channels if shard is None else channels + shard.channels.start)
@@ -303,4 +303,5 @@ def kept_fraction(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Kee
     return {key: kept[key] / total[key] for key in kept}
 
 
-__all__ = ["HeadSelection", "TensorShard", "decoder_layers", "head_rows", "kept_fraction", "omit", "unique_indices"]
+__all__ = ["HeadSelection", "TensorShard", "decoder_layers", "head_rows", "in_block", "kept_fraction", "omit",
+           "unique_indices"]

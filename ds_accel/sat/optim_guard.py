@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ds_accel.sat.omit import (HeadSelection, KeepDict, TensorShard, _in_block, decoder_layers, head_rows,
+from ds_accel.sat.omit import (HeadSelection, KeepDict, TensorShard, decoder_layers, head_rows, in_block,
                                unique_indices)
 
 
@@ -73,7 +73,7 @@ def omitted_slices(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Ke
         if index in keep_heads:
             heads = HeadSelection.of(attn, keep_heads[index])
             if shard is not None:
-                heads = HeadSelection.from_heads(_in_block(heads.q_heads, shard.heads), groups, attn.head_dim)
+                heads = HeadSelection.from_heads(in_block(heads.q_heads, shard.heads), groups, attn.head_dim)
             q_rows = head_rows(_complement(heads.q_heads, n_heads), attn.head_dim)
             kv_rows = head_rows(_complement(heads.kv_heads, n_heads // groups), attn.head_dim)
             parts += [("self_attn.q_proj", 0, q_rows), ("self_attn.k_proj", 0, kv_rows),
@@ -81,7 +81,7 @@ def omitted_slices(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Ke
         if index in keep_channels:
             kept = unique_indices(keep_channels[index], mlp.intermediate_size, f"layer {index} channels")
             kept = kept.to(mlp.down_proj.weight.device)
-            omitted = _complement(kept if shard is None else _in_block(kept, shard.channels), n_channels)
+            omitted = _complement(kept if shard is None else in_block(kept, shard.channels), n_channels)
             parts += [("mlp.gate_proj", 0, omitted), ("mlp.up_proj", 0, omitted), ("mlp.down_proj", 1, omitted)]
         for module_name, dim, omitted in parts:
             linear = layer.get_submodule(module_name)
