@@ -80,8 +80,8 @@ class MultiLevelConfig:
     width_factor: int = 2  # hidden, heads and MLP divided by this per level (1: keep width)
     depth_factor: int = 2  # layers divided by this per level (1: keep depth)
     pairing: str = "half"  # half (i with i+n/2) | adjacent (2i with 2i+1)
-    step_fractions: list[float] = field(default_factory=lambda: [0.1, 0.45, 0.45])  # per V-cycle stage, down then up (2*levels-1 values, sum 1)
-    lr_scale: list[float] = field(default_factory=lambda: [1.0, 4.0])  # peak LR multiplier per level
+    step_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.5])  # per V-cycle stage, down then up (2*levels-1 values, sum 1)
+    lr_scale: list[float] = field(default_factory=lambda: [1.0, 2.0])  # peak LR multiplier per level
     lr_schedule: str = "stage"  # stage: warm-up/cosine afresh per V-cycle stage (authors' code) | run: one cosine
     alpha: float = 0.5  # interpolation weight of the de-coalesced model
     optimizer_policy: str = "fresh"  # fresh: new optimizer state at each transition (the authors' code)
