@@ -134,7 +134,8 @@ def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
     if pp > 1 and tp > 1:
         raise ConfigError("parallel.pp: pipeline and tensor parallelism together are not supported yet; use "
                           "parallel.pp=1 with a TP config (ds_configs/tp2.json) or pp>1 with ds_configs/pp2.json")
-    shape = model_config(cfg.model, 1)  # heads, channels and layers only: any vocabulary will do
+    # heads, channels and layers only: the vocabulary is the tokenizer's, known after data preparation
+    shape = model_config(cfg.model, 1 if cfg.model.pretrained else cfg.data.vocab_size)
     levels = level_configs(shape, cfg.multilevel)[1:] if cfg.multilevel.enabled else []
     if pp > 1:
         for where, conf in [("the model", shape)] + [(f"V-cycle level {i}", c) for i, c in enumerate(levels, 2)]:
