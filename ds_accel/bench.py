@@ -10,7 +10,6 @@ step micro-benchmark (``step_bench``) runs, and everything is written as Markdow
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess

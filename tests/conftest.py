@@ -17,6 +17,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def train_rows(cfg_dict: dict, stop_after: int | None = None, resume: bool = False) -> list[dict] | None:
+    """Run (or resume) the trainer on this rank (a ``run_ranks`` target); returns metrics.jsonl's rows."""
+    import json
+
+    from ds_accel.config import from_dict
+    from ds_accel.trainer import train
+
+    train(from_dict(cfg_dict), resume=resume, stop_after=stop_after)
+    path = Path(cfg_dict["run"]["output_dir"], "metrics.jsonl")
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else None
+
+
 def tiny_overrides(out_dir: Path, **extra) -> dict:
     """A run config dict for a seconds-long run of the tiny preset on a slice of the KJV."""
     cfg = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, train_rows
 from ranks import run_ranks
 
 SAT = {"enabled": True, "granularity": "kv_group"}
@@ -72,14 +72,6 @@ def test_pipeline_layout_errors(tmp_path):
         train(zero3)
 
 
-def _train_stopped(cfg_dict, stop_after=None, resume=False):
-    from ds_accel.config import from_dict
-    from ds_accel.trainer import train
-
-    train(from_dict(cfg_dict), resume=resume, stop_after=stop_after)
-    return [json.loads(x) for x in Path(cfg_dict["run"]["output_dir"], "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.distributed
 def test_pipeline_vcycle_with_sat_matches_one_process_and_resumes_mid_level(tmp_path):
     """V-cycle + SAT under pp=2: level 2 (2 layers) re-partitions over the same 2 stages, the
@@ -90,9 +82,9 @@ def test_pipeline_vcycle_with_sat_matches_one_process_and_resumes_mid_level(tmp_
     single = tiny_overrides(tmp_path / "single", multilevel=ml, sat=SAT, optim=optim)
     piped = tiny_overrides(tmp_path / "pp2", multilevel=ml, sat=SAT, optim=optim, parallel={"pp": 2},
                            deepspeed={"config": str(REPO / "ds_configs" / "pp2.json")})
-    ref = run_ranks(_train_stopped, 1, single)[0]
-    run_ranks(_train_stopped, 2, piped, 3)  # stops inside level 2
-    rows = run_ranks(_train_stopped, 2, piped, None, True)[0]
+    ref = run_ranks(train_rows, 1, single)[0]
+    run_ranks(train_rows, 2, piped, 3)  # stops inside level 2
+    rows = run_ranks(train_rows, 2, piped, None, True)[0]
     assert [r["level"] for r in ref if "loss" in r] == [1, 1, 2, 2, 2, 1, 1, 1]
     assert [r["transition"] for r in rows if "transition" in r] == ["coalesce", "decoalesce+interpolate"]
     for (s1, l1, v1, f1, r1), (s2, l2, v2, f2, r2) in zip(_curve(ref), _curve(rows), strict=True):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, train_rows
 from ranks import run_ranks
 
 STEPS = 4
@@ -191,15 +191,6 @@ def test_validate_tp_names_the_field_and_the_fix():
         validate_tp(tiny, 0)
 
 
-def _train(cfg_dict, stop_after=None, resume=False):
-    from ds_accel.config import from_dict
-    from ds_accel.trainer import train
-
-    train(from_dict(cfg_dict), resume=resume, stop_after=stop_after)
-    path = REPO / cfg_dict["run"]["output_dir"] / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else None
-
-
 @pytest.mark.distributed
 def test_trainer_vcycle_and_sat_tp2_equal_one_process_and_resume_mid_level(tmp_path):
     """The whole trainer under tp=2 (ds_configs/tp2.json): a V-cycle in depth (TP splits heads, so the
@@ -213,11 +204,11 @@ def test_trainer_vcycle_and_sat_tp2_equal_one_process_and_resume_mid_level(tmp_p
         return tiny_overrides(tmp_path / name, optim=optim, multilevel=ml, sat=sat,
                               deepspeed={"config": str(REPO / "ds_configs" / ds_json)})
 
-    ref = run_ranks(_train, 1, run_dict("single", "zero1.json"))[0]
+    ref = run_ranks(train_rows, 1, run_dict("single", "zero1.json"))[0]
     stopped = run_dict("tp2", "tp2.json")
     stopped["run"]["export"] = True
-    run_ranks(_train, 2, stopped, 3)
-    rows = run_ranks(_train, 2, stopped, None, True)[0]
+    run_ranks(train_rows, 2, stopped, 3)
+    rows = run_ranks(train_rows, 2, stopped, None, True)[0]
     losses = [(r["step"], r["level"], r["omission_rate"], r["loss"]) for r in rows if "loss" in r]
     expected = [(r["step"], r["level"], r["omission_rate"], r["loss"]) for r in ref if "loss" in r]
     assert [lv for _, lv, _, _ in expected] == [1, 1, 2, 2, 2, 1, 1, 1]

@@ -2,14 +2,12 @@
 the gathered weights, gather about one parameter at a time, and a whole V-cycle under ZeRO-3 on two
 ranks reproduces the single-process run, also when stopped and resumed mid level."""
 
-import json
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, train_rows
 from ranks import run_ranks
 
 ML = {"enabled": True, "step_fractions": [0.25, 0.375, 0.375], "lr_scale": [1.0, 4.0]}
@@ -91,15 +89,6 @@ def test_transitions_equal_operators_on_gathered_weights_for_every_zero_stage():
         assert per_rank[1][stage]["back_err"] < 1e-6
 
 
-def _vcycle(cfg_dict, stop_after=None, resume=False):
-    from ds_accel.config import from_dict
-    from ds_accel.trainer import train
-
-    train(from_dict(cfg_dict), resume=resume, stop_after=stop_after)
-    path = Path(cfg_dict["run"]["output_dir"], "metrics.jsonl")
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else None
-
-
 def _losses(rows):
     return [(r["step"], r["level"], r["loss"]) for r in rows if "loss" in r]
 
@@ -107,13 +96,13 @@ def _losses(rows):
 @pytest.mark.distributed
 def test_vcycle_zero3_two_ranks_equals_one_process_and_resumes_mid_level(tmp_path):
     single = tiny_overrides(tmp_path / "single", optim={"micro_batch_size": 8}, multilevel=ML)
-    ref = _losses(run_ranks(_vcycle, 1, single)[0])
+    ref = _losses(run_ranks(train_rows, 1, single)[0])
     assert [lv for _, lv, _ in ref] == [1, 1, 2, 2, 2, 1, 1, 1]
     zero3 = {"micro_batch_size": 4}
     ds3 = {"config": str(REPO / "ds_configs" / "zero3.json")}
     stopped = tiny_overrides(tmp_path / "stopped", optim=zero3, deepspeed=ds3, multilevel=ML)
-    run_ranks(_vcycle, 2, stopped, 3)  # stops inside level 2, after the first transition
-    rows = run_ranks(_vcycle, 2, stopped, None, True)[0]
+    run_ranks(train_rows, 2, stopped, 3)  # stops inside level 2, after the first transition
+    rows = run_ranks(train_rows, 2, stopped, None, True)[0]
     two = _losses(rows)
     assert [s for s, _, _ in two] == list(range(1, 9))
     for (s1, lv1, l1), (s2, lv2, l2) in zip(ref, two):
