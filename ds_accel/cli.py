@@ -7,18 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-
-PACKAGE_CONFIGS = Path(__file__).parent / "configs"
-
-
-def config_path(name: str | None) -> str | None:
-    """A config file path, or the name of one shipped with the package (default, dense, ...)."""
-    if name is None or Path(name).is_file():
-        return name
-    bundled = PACKAGE_CONFIGS / f"{name}.yaml"
-    return str(bundled) if bundled.is_file() else name
-
+from .config import PACKAGE_CONFIGS, ConfigError, config_path
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="default",

@@ -20,6 +20,16 @@ import yaml
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # bundled run configs: default, dense, bench
+
+
+def config_path(name: str | None) -> str | None:
+    """A config file path, or the name of one shipped with the package (default, dense, ...)."""
+    if name is None or Path(name).is_file():
+        return name
+    bundled = PACKAGE_CONFIGS / f"{name}.yaml"
+    return str(bundled) if bundled.is_file() else name
+
 
 
 class ConfigError(ValueError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import latest
-from .config import REPO_ROOT, ConfigError
+from .config import REPO_ROOT, ConfigError, config_path
 
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
 BASE_PORT = 29500
@@ -186,7 +186,6 @@ def has_checkpoint(output_dir: str | os.PathLike) -> bool:
 
 def run_output_dir(config: str, extra: Sequence[str]) -> Path:
     """``run.output_dir`` of the config, with the ``--set`` overrides among the pass-through args."""
-    from .cli import config_path  # lazy: cli imports this module to register the subcommand
     from .config import load
 
     sets = argparse.ArgumentParser(add_help=False)

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
-from .config import ConfigError, MultiLevelConfig, SATConfig, TrainConfig
+from .config import ConfigError, MultiLevelConfig, SATConfig, TrainConfig, config_path
 from .flops import LayerWidth, head_dim, train_flops
 from .models import PRESETS, model_config
 from .multilevel.vcycle import level_configs
@@ -330,7 +330,6 @@ def _zero_stage(ds_config: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .cli import config_path  # lazy: cli imports this module to register the subcommand
     from .config import load
 
     if args.config is None and args.model is None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from transformers import LlamaConfig
 
 from ..config import ConfigError
-from ..sat.omit import TensorShard, decoder_layers
+from ..structure import TensorShard, decoder_layers
 
 
 def validate_tp(config: LlamaConfig, tp: int, levels_configs: Sequence[LlamaConfig] = ()) -> None:

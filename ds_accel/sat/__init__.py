@@ -13,7 +13,8 @@ Pure torch + transformers; the training engine composes them per step:
 """
 from ds_accel.sat.importance import ImportanceTracker, channel_magnitude, head_magnitude
 from ds_accel.sat.lors import LORS
-from ds_accel.sat.omit import HeadSelection, decoder_layers, kept_fraction, omit
+from ds_accel.sat.omit import HeadSelection, kept_fraction, omit
+from ds_accel.structure import decoder_layers
 from ds_accel.sat.optim_guard import OmittedSlice, guard_omitted, omitted_slices
 from ds_accel.sat.selection import num_kept, select, select_heads, select_topk, select_topk_balanced
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ds_accel.sat.omit import decoder_layers
+from ds_accel.structure import decoder_layers
 
 METRICS = ("magnitude", "random")
 HEADS, CHANNELS = "heads", "channels"
@@ -107,7 +107,7 @@ class ImportanceTracker:
 
     @classmethod
     def for_model(cls, model_or_layers: Any, **kwargs: Any) -> ImportanceTracker:
-        """Tracker sized from the decoder layers of a Llama model (see :func:`omit.decoder_layers`)."""
+        """Tracker sized from the decoder layers of a Llama model (see :func:`ds_accel.structure.decoder_layers`)."""
         layers = decoder_layers(model_or_layers)
         first = next(iter(layers.values()))
         config = first.self_attn.config

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ds_accel.sat.omit import (HeadSelection, KeepDict, TensorShard, decoder_layers, head_rows, in_block,
+from ds_accel.sat.omit import HeadSelection
+from ds_accel.structure import (KeepDict, TensorShard, decoder_layers, head_rows, in_block,
                                unique_indices)
 
 
