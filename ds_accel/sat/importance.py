@@ -116,13 +116,15 @@ class ImportanceTracker:
                    first.mlp.down_proj.in_features, first.self_attn.head_dim, **kwargs)
 
     @torch.no_grad()
-    def record_heads(self, layer: int, o_input: Tensor, kept: Tensor | None = None) -> None:
+    def record_heads(self, layer: int, o_input: Tensor, kept: Tensor | None = None,
+                     weight: Tensor | None = None) -> None:
         """Record one forward's head statistic from the o_proj input; ``kept``: its heads (None: all)."""
         if self.metric == "magnitude":
             self._accumulate(HEADS, layer, head_magnitude(o_input.detach(), self.head_dim), kept)
 
     @torch.no_grad()
-    def record_channels(self, layer: int, a: Tensor, kept: Tensor | None = None) -> None:
+    def record_channels(self, layer: int, a: Tensor, kept: Tensor | None = None,
+                        weight: Tensor | None = None) -> None:
         """Record one forward's channel statistic from the down_proj input; ``kept``: its channels."""
         if self.metric == "magnitude":
             self._accumulate(CHANNELS, layer, channel_magnitude(a.detach()), kept)

@@ -40,7 +40,9 @@ from ds_accel.structure import KeepDict, TensorShard, decoder_layers, head_rows,
 if TYPE_CHECKING:
     from ds_accel.sat.importance import ImportanceTracker
 
-Recorder = Callable[..., None]  # record(activation, kept=None): a layer's ImportanceTracker.record_heads/_channels
+# record(activation, kept=None, weight=None): a layer's ImportanceTracker.record_heads/_channels; ``weight``: the
+# output projection's (o_proj / down_proj) columns of the recorded units, for weight-aware metrics
+Recorder = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def _sliced_attention(attn: nn.Module, heads: HeadSelection | None, shard: Tenso
         is_causal=attention_mask is None and q.shape[2] > 1, scale=attn.scaling)
     out = out.transpose(1, 2).flatten(-2)
     if record is not None:
-        record(out)
+        record(out, weight=attn.o_proj.weight.index_select(1, heads.q_rows).detach())
     return _output(attn.o_proj, out, heads.q_rows, shard), None
 
 
@@ -134,7 +136,7 @@ def _sliced_mlp(mlp: nn.Module, channels: Tensor | None, shard: TensorShard | No
         return _output(mlp.down_proj, x, None, shard)
     a = mlp.act_fn(_project(x, mlp.gate_proj, channels)) * _project(x, mlp.up_proj, channels)
     if record is not None:
-        record(a)
+        record(a, weight=mlp.down_proj.weight.index_select(1, channels).detach())
     return _output(mlp.down_proj, a, channels, shard)
 
 
@@ -155,7 +157,7 @@ def _swap_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[]
 
 def _observe_input(module: nn.Module, record: Recorder) -> Callable[[], None]:
     """Forward pre-hook passing the module's input to ``record``; returns the undo."""
-    return module.register_forward_pre_hook(lambda _, args: record(args[0])).remove
+    return module.register_forward_pre_hook(lambda mod, args: record(args[0], weight=mod.weight.detach())).remove
 
 
 def _observe_dense(linear: nn.Module, record: Recorder | None, block: range | None) -> Callable[[], None] | None:
