@@ -92,9 +92,11 @@ class MultiLevelConfig:
     pairing: str = "half"  # half (i with i+n/2) | adjacent (2i with 2i+1)
     step_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.5])  # per V-cycle stage, down then up (2*levels-1 values, sum 1)
     lr_scale: list[float] = field(default_factory=lambda: [1.0, 2.0])  # peak LR multiplier per level
-    lr_schedule: str = "stage"  # stage: warm-up/cosine afresh per V-cycle stage (authors' code) | run: one cosine
+    lr_schedule: str = "stage"  # authors: stage 1 all warm-up, later stages decay from the level's peak to 0 (the authors' code) | stage: warm-up/decay to optim.min_lr_ratio afresh per stage | run: one schedule over the run
+    lr_decay: str = "auto"  # decay shape: cosine | linear | auto (linear for authors, cosine otherwise)
+    transition_warmup: int = 0  # linear warm-up steps at the start of every stage after a transition (authors/stage)
     alpha: float = 0.5  # interpolation weight of the de-coalesced model
-    optimizer_policy: str = "fresh"  # fresh: new optimizer state at each transition (the authors' code)
+    optimizer_policy: str = "fresh"  # fresh: new AdamW state at each transition (the authors' code) | transfer: Adam moments mapped through the operators
 
 
 @dataclass
@@ -141,8 +143,9 @@ class TrainConfig:
 _CHOICES = {
     "model.dtype": ("auto", "fp32", "bf16"),
     "multilevel.pairing": ("half", "adjacent"),
-    "multilevel.optimizer_policy": ("fresh",),
-    "multilevel.lr_schedule": ("stage", "run"),
+    "multilevel.optimizer_policy": ("fresh", "transfer"),
+    "multilevel.lr_schedule": ("authors", "stage", "run"),
+    "multilevel.lr_decay": ("auto", "cosine", "linear"),
     "sat.schedule": ("ladder", "constant", "linear"),
     "sat.metric": ("magnitude", "random"),
     "sat.granularity": ("head", "kv_group"),
@@ -242,6 +245,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  f"multilevel.lr_scale: give one multiplier per level ({m.levels}), got {len(m.lr_scale)}")
         _require(m.width_factor > 1 or m.depth_factor > 1,
                  "multilevel.width_factor/depth_factor: at least one must be > 1, else no level is smaller")
+        _require(m.transition_warmup >= 0, f"multilevel.transition_warmup: must be >= 0, got {m.transition_warmup}")
+        _require(m.transition_warmup == 0 or m.lr_schedule != "run",
+                 "multilevel.transition_warmup: lr_schedule run is one schedule over the whole run; use "
+                 "lr_schedule authors or stage to warm up after transitions")
     for path in d.train_files:
         _require(Path(path).exists(), f"data.train_files: {path} does not exist; give an existing file or directory")
     if d.tokenizer is not None:

@@ -10,7 +10,6 @@ runs as one process and under the ``deepspeed`` launcher; all ZeRO/engine knowle
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from .flops import train_flops
 from .metrics import MetricsLog, plot_losses
 from .models import count_params, model_config
 from .multilevel.operators import level_map
+from .multilevel import schedule
 from .multilevel.vcycle import Stage, level_configs, plan
 from .parallel.pipeline import pipeline_batches, validate_layout
 from .parallel.tensor import tp_size, validate_tp
@@ -49,25 +49,9 @@ class RunState:
 
 
 def lr_at(cfg: TrainConfig, step: int, stage: Stage) -> float:
-    """Peak LR times the level's ``lr_scale``, times linear warm-up then cosine to ``min_lr_ratio``.
-
-    The warm-up + cosine runs over the whole run, or, with ``multilevel.lr_schedule: stage`` (the
-    authors' code), afresh over each V-cycle stage: every stage is a new run from its level's peak,
-    and only the first stage warms up. A fresh optimizer at a low LR learns slowly, and after a
-    transition the model's loss is where the whole-run cosine would have had it at a high LR.
-    """
-    o = cfg.optim
-    if cfg.multilevel.enabled and cfg.multilevel.lr_schedule == "stage":
-        start, total, warmup = stage.start, stage.steps, o.warmup_steps if stage.index == 0 else 0
-    else:
-        start, total, warmup = 0, cfg.run.total_steps, o.warmup_steps
-    t = step - start
-    if t < warmup:
-        factor = (t + 1) / warmup
-    else:
-        progress = (t - warmup) / max(1, total - warmup)
-        factor = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return o.lr * stage.lr_scale * factor
+    """The LR of global step ``step`` in ``stage``: ``multilevel.lr_schedule`` (authors, stage, run), see
+    ``ds_accel.multilevel.schedule``."""
+    return schedule.lr_at(cfg.optim, cfg.multilevel, cfg.run.total_steps, stage, step)
 
 
 def _mean_over_ranks(value: float) -> float:

@@ -2,8 +2,8 @@
 
 Each stage trains one level for a contiguous range of global steps. Moving to a deeper level
 coalesces; moving back up de-coalesces and interpolates with the weights that level had when
-the cycle left it. The LR schedule is one warm-up + cosine over the global step, scaled per level
-(smaller levels take a higher LR, x4 in the authors' GPT-2 example).
+the cycle left it. Each stage carries its level's LR multiplier; the schedule itself is
+``ds_accel.multilevel.schedule``.
 """
 
 from __future__ import annotations
@@ -58,4 +58,9 @@ def plan(conf: LlamaConfig, ml: MultiLevelConfig | None, total_steps: int) -> li
     if short:
         raise ConfigError(f"multilevel.step_fractions: stage {short[0].index} (level {short[0].level}) gets no "
                           f"steps out of run.total_steps={total_steps}; raise total_steps or the fraction")
+    short = [s for s in stages[1:] if s.steps <= ml.transition_warmup]
+    if short:
+        raise ConfigError(f"multilevel.transition_warmup: {ml.transition_warmup} warm-up steps, but stage "
+                          f"{short[0].index} (level {short[0].level}) has only {short[0].steps} of "
+                          f"run.total_steps={total_steps}; lower it or raise total_steps")
     return stages
