@@ -84,9 +84,8 @@ def test_cpu_shims_apply_only_without_cuda_and_are_still_needed():
 
 
 def _equivalence_worker():
-    from megatron.core import parallel_state
-
     from ds_accel.megatron import MegatronCausalLM, gpt_from_hf, hf_state_from_gpt, init_parallel
+    from megatron.core import parallel_state
 
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     out = {}

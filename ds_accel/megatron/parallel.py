@@ -13,6 +13,7 @@ megatron-core 0.16 no longer has; without pipeline stages the model-parallel gro
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ def init_parallel(tp_size: int, seed: int = 0) -> None:
     """
     from deepspeed.accelerator import get_accelerator
 
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's TP overlaps its all-reduces assuming it
     runtime.init_distributed()
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu and not _cpu.needed():

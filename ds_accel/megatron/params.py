@@ -36,6 +36,12 @@ def unwrap_gpt(model: Any) -> torch.nn.Module:
     return model
 
 
+def _weights_only(moment: str | None) -> None:
+    if moment is not None:
+        raise NotImplementedError("MegatronParams: Adam moments are not mapped across levels on the Megatron backend "
+                                  "(multilevel.optimizer_policy: fresh)")
+
+
 @dataclass
 class MegatronParams(LevelParams):
     """See the module docstring; ``local`` maps each HF name to the Megatron parameter holding it."""
@@ -55,18 +61,25 @@ class MegatronParams(LevelParams):
 
             shapes = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
         local = {name: gpt.get_parameter(placements[name].megatron) for name in names}
-        return cls(local, shapes, None, config, placements)
+        return cls(local=local, shapes=shapes, config=config, placements=placements)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, moment: str | None = None) -> torch.Tensor:
         """The whole HF tensor in fp32 on every rank (collective over ZeRO and TP)."""
-        where, value = self.placements[name], full_param(self.local[name])
+        _weights_only(moment)
+        return self.assemble(name, full_param(self.local[name]))
+
+    def assemble(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The HF tensor ``name`` from a tensor shaped like its local Megatron parameter (the value, a
+        gradient, an optimizer moment) on every TP rank (collective over the TP group)."""
+        where = self.placements[name]
         if where.dim is None:
-            return value
-        block = value.index_select(where.dim, where.local.to(value.device))
+            return local
+        block = local.index_select(where.dim, where.local.to(local.device))
         return torch.cat(all_gather_tp(block), dim=where.dim)
 
-    def write(self, name: str, value: torch.Tensor) -> None:
+    def write(self, name: str, value: torch.Tensor, moment: str | None = None) -> None:
         """Set this rank's block of the HF tensor ``value`` (the same on every rank); collective over ZeRO."""
+        _weights_only(moment)
         where, p = self.placements[name], self.local[name]
         if where.dim is None:
             set_full_param(p, value)
