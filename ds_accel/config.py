@@ -52,7 +52,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files or a saved dataset dir; empty: bundled KJV corpus
+    train_files: list[str] = field(default_factory=list)  # .txt/.jsonl/.json files or a saved dataset dir; empty: the bundled `corpus`
+    corpus: str = "kjv"  # bundled corpus when train_files is empty: kjv (King James Bible) | stdlib (this Python's standard-library .py sources)
     text_field: str = "text"  # column holding the text in JSON/JSONL/saved datasets
     seq_len: int = 128  # tokens per packed training block
     val_fraction: float = 0.05  # share of blocks held out for validation
@@ -63,7 +64,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "small"  # tiny | small | base | llama2-7b | llama2-13b | llama2-70b (ignored with pretrained)
+    preset: str = "small"  # tiny | mini | small | base | llama2-7b | llama2-13b | llama2-70b (ignored with pretrained)
     pretrained: str | None = None  # local HF Llama checkpoint dir, loaded with from_pretrained
     tie_word_embeddings: bool | None = None  # override the preset's choice
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
@@ -141,6 +142,7 @@ class TrainConfig:
 
 
 _CHOICES = {
+    "data.corpus": ("kjv", "stdlib"),
     "model.dtype": ("auto", "fp32", "bf16"),
     "multilevel.pairing": ("half", "adjacent"),
     "multilevel.optimizer_policy": ("fresh", "transfer"),
@@ -249,6 +251,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _require(m.transition_warmup == 0 or m.lr_schedule != "run",
                  "multilevel.transition_warmup: lr_schedule run is one schedule over the whole run; use "
                  "lr_schedule authors or stage to warm up after transitions")
+    _require(not d.train_files or d.corpus == "kjv",
+             f"data.corpus: {d.corpus!r} applies only when data.train_files is empty; remove one of them")
     for path in d.train_files:
         _require(Path(path).exists(), f"data.train_files: {path} does not exist; give an existing file or directory")
     if d.tokenizer is not None:
