@@ -13,6 +13,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sysconfig
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .config import ConfigError, DataConfig
 
 CACHE_DIR = Path(os.environ.get("DS_ACCEL_CACHE", Path.home() / ".cache" / "ds_accel"))
 KJV_RANGE = "Gen1:1-Rev22:21"
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 def bundled_corpus() -> Path:
@@ -45,10 +48,35 @@ def bundled_corpus() -> Path:
     return target
 
 
+def stdlib_corpus(root: Path | None = None) -> list[str]:
+    """The running interpreter's standard library as documents, one ``.py`` file each: a second domain
+    (source code) on every machine without a download, for continual pretraining away from the KJV.
+
+    Chosen: every ``.py`` file under ``sysconfig``'s stdlib directory (or ``root``), except what lies
+    under ``site-packages`` / ``dist-packages`` (third-party code) and the test suites (``test``,
+    ``tests``, ``idle_test`` directories), read with its declared encoding (``tokenize.open``).
+    Ordered by the SHA-256 of the relative path, a fixed shuffle, so a ``max_chars`` prefix samples the
+    whole library rather than its first packages alphabetically. The held-out split is the usual one
+    (:func:`split_blocks`). The text differs between Python versions: results name the version.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIP]
+        files += [Path(folder, n).relative_to(root).as_posix() for n in names if n.endswith(".py")]
+    texts = []
+    for name in sorted(files, key=lambda n: hashlib.sha256(n.encode()).hexdigest()):
+        with tokenize.open(root / name) as source:
+            texts.append(source.read())
+    return texts
+
+
 def load_texts(cfg: DataConfig) -> list[str]:
-    """Documents (strings) from the configured files, or the bundled corpus."""
+    """Documents (strings) from the configured files, or the bundled corpus (``data.corpus``)."""
     import datasets
 
+    if not cfg.train_files and cfg.corpus == "stdlib":
+        return _truncate([t for t in stdlib_corpus() if t.strip()], cfg.max_chars)
     files = cfg.train_files or [str(bundled_corpus())]
     texts: list[str] = []
     for path in files:
@@ -65,17 +93,22 @@ def load_texts(cfg: DataConfig) -> list[str]:
             raise ConfigError(f"data.text_field: {path} has no column {cfg.text_field!r} "
                               f"(columns: {', '.join(ds.column_names)}); set data.text_field")
         texts.extend(t for t in ds[cfg.text_field] if t and t.strip())
-    if cfg.max_chars:
-        kept, size = [], 0
-        for t in texts:
-            if size >= cfg.max_chars:
-                break
-            kept.append(t)
-            size += len(t) + 1
-        texts = kept
     if not texts:
         raise ConfigError(f"data.train_files: {', '.join(files)} holds no text; give non-empty files")
-    return texts
+    return _truncate(texts, cfg.max_chars)
+
+
+def _truncate(texts: list[str], max_chars: int) -> list[str]:
+    """The first documents up to ``max_chars`` characters (0: all)."""
+    if not max_chars:
+        return texts
+    kept, size = [], 0
+    for t in texts:
+        if size >= max_chars:
+            break
+        kept.append(t)
+        size += len(t) + 1
+    return kept
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Path:
