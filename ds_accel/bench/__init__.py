@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from . import step_bench
+from .. import step_bench
 
 METHODS: dict[str, dict[str, Any]] = {
     "dense": {},
@@ -27,7 +27,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sat": {"sat": {"enabled": True}},
     "vcycle+sat": {"multilevel": {"enabled": True}, "sat": {"enabled": True}},
 }
-BASE = Path(__file__).parent / "configs" / "bench.yaml"
+BASE = Path(__file__).parents[1] / "configs" / "bench.yaml"
 QUICK = {"run": {"total_steps": 120, "eval_every": 10}, "data": {"max_chars": 1_500_000}}
 
 
