@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from .data import BlockSampler, Corpus, load_tokenizer, prepare
 from .config import ConfigError
 from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr, zero_stage
 from .engine.export import export_hf
+from .engine.sat import NoSAT, SATController
 from .engine.transitions import LevelParams, coalesce_into, decoalesce_into, keep_shards
 from .flops import train_flops
 from .metrics import MetricsLog, plot_losses
@@ -54,12 +54,14 @@ def lr_at(cfg: TrainConfig, step: int, stage: Stage) -> float:
     return schedule.lr_at(cfg.optim, cfg.multilevel, cfg.run.total_steps, stage, step)
 
 
-def _mean_over_ranks(value: float) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+def _mean_over_ranks(value: torch.Tensor | float) -> float:
+    """The mean over all ranks, read on the host (one synchronisation): the tensor handed to the
+    all-reduce lives on the accelerator (NCCL has no host tensors)."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=runtime.device()).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
 
 
 @torch.no_grad()
@@ -71,10 +73,10 @@ def evaluate(engine, val: torch.Tensor, cfg: TrainConfig, dp_rank: int, dp_world
     blocks = [val[(b * dp_world + dp_rank) * micro:][:micro] for b in range(n_batches)]
     engine.eval()
     if _is_pipeline(engine):  # the pipeline schedule averages the micro-batches and broadcasts the loss
-        loss = engine.eval_batch(iter([(x, x) for x in blocks]), num_micro_batches=n_batches).item()
+        loss = engine.eval_batch(iter([(x, x) for x in blocks]), num_micro_batches=n_batches)
     else:
         loss = sum(engine(input_ids=x.to(runtime.device()), labels=x.to(runtime.device()),
-                          use_cache=False).loss.float().item() for x in blocks) / n_batches
+                          use_cache=False).loss.float() for x in blocks) / n_batches
     engine.train()
     return _mean_over_ranks(loss)
 
@@ -101,19 +103,46 @@ def _sat_layers(engine):
     return engine.module
 
 
-def _sat_controller(cfg: TrainConfig, engine):
+def _sat_controller(cfg: TrainConfig, engine) -> SATController | NoSAT:
     if not cfg.sat.enabled:
-        return None
-    from .engine.sat import SATController
-
+        return NoSAT()
     groups = (engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group()) \
-        if _is_pipeline(engine) else ()
-    return SATController(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups)
+        if _is_pipeline(engine) else (None, None)
+    sat = SATController(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups,
+                        micro_batches=cfg.optim.grad_accum)
+    sat.attach(engine.optimizer)
+    return sat
+
+
+def train_step(engine, sat: SATController | NoSAT, step: int, corpus: Corpus, sampler: BlockSampler,
+               dp_rank: int) -> torch.Tensor:
+    """One optimizer step over ``sampler.accum`` micro-batches; returns this rank's mean loss (on the device).
+
+    SAT chooses the units once, every micro-batch computes the same sliced network (the weight slices
+    are taken once), and the optimizer step applies SAT's optimizer policy; dense runs go through the
+    same lines with :class:`NoSAT`.
+    """
+    sat.begin_step(step)
+    with sat.omitting():
+        if _is_pipeline(engine):  # the schedule runs all micro-batches and the optimizer step
+            loss = engine.train_batch(pipeline_batches(corpus.train, sampler, step, dp_rank))
+        else:
+            loss = torch.zeros((), device=runtime.device())
+            for micro_step in range(sampler.accum):
+                x = corpus.train[sampler.indices(step, micro_step, dp_rank)].to(runtime.device())
+                micro_loss = engine(input_ids=x, labels=x, use_cache=False).loss
+                engine.backward(micro_loss)
+                engine.step()
+                loss += micro_loss.detach().float() / sampler.accum
+    sat.end_step()
+    return loss
 
 
 def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
     """Refuse a parallel layout that can't run, before the data or any engine is built (the shapes of
     every V-cycle level follow from the config)."""
+    if cfg.model.backend == "megatron":
+        _megatron().check_config(cfg, ds)
     pp = cfg.parallel.pp
     if pp > 1 and tp > 1:
         raise ConfigError("parallel.pp: pipeline and tensor parallelism together are not supported yet; use "
@@ -132,7 +161,16 @@ def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
                           "whose product divides the number of ranks")
 
 
+def _megatron():
+    """model.backend megatron's models, checks, level views and export (imports megatron-core only when used)."""
+    from .megatron import engine
+
+    return engine
+
+
 def _new_level_model(cfg: TrainConfig, ds: dict, conf, seed: int | None, pretrained: str | None = None):
+    if cfg.model.backend == "megatron":
+        return _megatron().new_model(conf, cfg, seed, pretrained)
     if cfg.parallel.pp > 1:
         return new_pipeline_model(conf, cfg.parallel.pp, seed, pretrained)
     return new_model(conf, ds, seed, pretrained)
@@ -153,8 +191,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     out = Path(cfg.run.output_dir)
     ckpt_root = out / "checkpoints"
     pp = cfg.parallel.pp
-    ds = resolve_ds_config(cfg, world // pp)  # DeepSpeed counts TP ranks in train_batch_size
-    tp = tp_size(ds)
+    # DeepSpeed counts AutoTP ranks in train_batch_size; Megatron's (parallel.tp) it learns from the mpu
+    ds = resolve_ds_config(cfg, world // (pp * cfg.parallel.tp))
+    tp = cfg.parallel.tp if cfg.model.backend == "megatron" else tp_size(ds)
     _check_layout(cfg, ds, world, tp)
     corpus = _prepare_data(cfg)
     stages = plan(model_config(cfg.model, corpus.vocab_size), cfg.multilevel, cfg.run.total_steps)
@@ -176,14 +215,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if tag is not None:
         extra = checkpoint.load(engine, ckpt_root, tag)
         kept = extra["kept"]
-        if sat is not None:
-            sat.load_state_dict(extra["sat"])
+        sat.load_state_dict(extra["sat"])
     log = MetricsLog(out, state.history, enabled=rank == 0)
     bar = _progress(cfg, state.step) if rank == 0 else None
 
     def save() -> None:
         state.history = log.rows
-        extra = {"kept": kept, "sat": sat.state_dict() if sat else None}
+        extra = {"kept": kept, "sat": sat.state_dict()}
         checkpoint.save(engine, ckpt_root, state.step, vars(state), extra, cfg.run.keep_checkpoints)
 
     while True:
@@ -194,30 +232,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             t0 = time.perf_counter()
             lr = lr_at(cfg, state.step, stage)
             set_lr(engine, lr)
-            rate = sat.begin_step(state.step) if sat else 0.0
-            if _is_pipeline(engine):  # the schedule runs all micro-batches and the optimizer step
-                with sat.omitting() if sat else nullcontext(), sat.guard_optimizer(engine) if sat else nullcontext():
-                    loss = engine.train_batch(pipeline_batches(corpus.train, sampler, state.step, dp_rank)).item()
-            else:
-                loss = 0.0
-                for micro_step in range(o.grad_accum):
-                    x = corpus.train[sampler.indices(state.step, micro_step, dp_rank)].to(runtime.device())
-                    with sat.omitting() if sat else nullcontext():
-                        step_loss = engine(input_ids=x, labels=x, use_cache=False).loss
-                        engine.backward(step_loss)
-                    loss += step_loss.item() / o.grad_accum
-                    with sat.guard_optimizer(engine) if sat and micro_step == o.grad_accum - 1 else nullcontext():
-                        engine.step()
-            if sat:
-                sat.end_step()
-            widths = sat.widths() if sat else None
-            step_flops = train_flops(stage.config, tokens_per_step, cfg.data.seq_len, widths)
+            loss = _mean_over_ranks(train_step(engine, sat, state.step, corpus, sampler, dp_rank))
+            rate = sat.rate
+            step_flops = train_flops(stage.config, tokens_per_step, cfg.data.seq_len, sat.widths())
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens += tokens_per_step
             state.flops += step_flops
             state.wall_s += dt
-            loss = _mean_over_ranks(loss)
             row: dict[str, Any] = {}
             if state.step % cfg.run.log_every == 0 or state.step == cfg.run.total_steps:
                 row = {"loss": loss, "lr": lr, "level": stage.level, "omission_rate": rate,
@@ -237,19 +259,19 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             break
         engine, stage = _transition(cfg, ds, engine, stage, stages[state.stage + 1], maps, kept, log, state)
         state.stage = stage.index
-        if sat is not None:
-            sat.rebind(_sat_layers(engine))
+        sat.rebind(_sat_layers(engine))
+        sat.attach(engine.optimizer)
 
     if bar is not None:
         bar.close()
     save()
     final_val = next((r["val_loss"] for r in reversed(log.rows) if "val_loss" in r), None)
     result = {"step": state.step, "val_loss": final_val, "tokens": state.tokens, "flops": state.flops,
-              "wall_s": state.wall_s, "output_dir": str(out),
+              "wall_s": state.wall_s, "sat_bookkeeping_s": sat.bookkeeping_s, "output_dir": str(out),
               "layout": {"data_parallel": dp_world, "tensor_parallel": tp, "pipeline_parallel": pp}}
     if cfg.run.export:
-        result["export_dir"] = str(export_hf(engine, stage.config, out / "export",
-                                             load_tokenizer(corpus.tokenizer_dir)))
+        export = _megatron().export_hf if cfg.model.backend == "megatron" else export_hf
+        result["export_dir"] = str(export(engine, stage.config, out / "export", load_tokenizer(corpus.tokenizer_dir)))
     result["peak_mem_mb"] = runtime.peak_memory_mb()
     if rank == 0:
         result["plot"] = str(plot_losses(log.rows, out / "loss.png", _title(cfg)))
@@ -259,17 +281,20 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
 
 def _transition(cfg, ds, engine, stage: Stage, nxt: Stage, maps, kept, log: MetricsLog, state: RunState):
-    """Build the next stage's engine and fill it from the current one with the pure operators."""
+    """Build the next stage's engine and fill it from the current one with the pure operators (and, with
+    ``optimizer_policy: transfer``, its Adam moments; ``fresh`` leaves the new AdamW without state)."""
     model = _new_level_model(cfg, ds, nxt.config, seed=None)
     new_engine = make_engine(model, cfg, ds)
-    old, new = LevelParams.of(engine.module, stage.config), LevelParams.of(new_engine.module, nxt.config)
+    level = _megatron().level_params if cfg.model.backend == "megatron" else LevelParams.of
+    old = level(engine.module, stage.config, engine.optimizer)
+    new = level(new_engine.module, nxt.config, new_engine.optimizer)
+    moments = cfg.multilevel.optimizer_policy == "transfer"
     if nxt.level > stage.level:
         kept[stage.level] = keep_shards(old)
-        coalesce_into(old, new, maps[nxt.level])
+        coalesce_into(old, new, maps[nxt.level], moments)
         kind = "coalesce"
     else:
-        decoalesce_into(old, new, maps[stage.level], kept.pop(nxt.level),
-                        cfg.multilevel.alpha)
+        decoalesce_into(old, new, maps[stage.level], kept.pop(nxt.level), cfg.multilevel.alpha, moments)
         kind = "decoalesce+interpolate"
     free_engine(engine)
     c = nxt.config

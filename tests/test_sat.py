@@ -403,3 +403,91 @@ def test_lors_constant_and_linear():
 def test_lors_rejects_bad_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LORS(**kwargs)
+
+
+def test_omission_turns_the_kv_cache_off_by_itself():
+    """Training under omit() needs no use_cache=False: the context switches caching off (as HF does under
+    gradient checkpointing) and restores the config's setting when it ends."""
+    model = tiny_model()
+    model.config.use_cache = True
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS):
+        out = model(input_ids=batch()["input_ids"])
+        assert out.past_key_values is None and model.config.use_cache is False
+    assert model.config.use_cache is True
+
+
+def _accumulated_step(micro_batches: int, per_micro_batch: bool):
+    """Loss and gradients of 4 micro-batches: one omit() context for the step (slices taken once), or
+    one context per micro-batch (slices and gradient scatter every time)."""
+    model = tiny_model(bias=True)
+    losses, gathers = [], 0
+    if per_micro_batch:
+        for seed in range(micro_batches):
+            with omit(model, KEEP_HEADS, KEEP_CHANNELS, keep_slices=False) as slices:
+                loss = model(**batch(seed=seed)).loss / micro_batches
+                loss.backward()
+            losses.append(loss.detach())
+            gathers += slices.gathers
+    else:
+        with omit(model, KEEP_HEADS, KEEP_CHANNELS, micro_batches=micro_batches) as slices:
+            for seed in range(micro_batches):
+                loss = model(**batch(seed=seed)).loss / micro_batches
+                loss.backward()
+                losses.append(loss.detach())
+                if seed < micro_batches - 1:  # the weights get their gradient at the last backward only
+                    assert all(p.grad is None for n, p in model.named_parameters() if "q_proj" in n)
+        gathers = slices.gathers
+    return torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters()}, gathers
+
+
+def test_slicing_once_per_step_equals_slicing_per_micro_batch():
+    """Gradient accumulation over 4 micro-batches: the once-per-step slices give the per-micro-batch
+    implementation's losses and gradients (float64; only the summation order of the gradient differs:
+    the slice accumulates and is scattered once instead of four scatters), and gather each sliced weight
+    once instead of four times."""
+    once_loss, once_grads, once_gathers = _accumulated_step(4, per_micro_batch=False)
+    each_loss, each_grads, each_gathers = _accumulated_step(4, per_micro_batch=True)
+    assert torch.equal(once_loss, each_loss)
+    for name, grad in each_grads.items():
+        assert relative_error(once_grads[name], grad) < 1e-13, name
+    # with biases: q/k/v weights and biases and the o_proj weight per sliced attention; gate/up weights and
+    # biases and the down_proj weight per sliced MLP
+    sliced_weights = 7 * len(KEEP_HEADS) + 5 * len(KEEP_CHANNELS)
+    assert once_gathers == sliced_weights and each_gathers == 4 * sliced_weights
+
+
+def test_an_unfinished_accumulated_step_is_an_error():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="3 backward passes ran for micro_batches=4"):
+        with omit(model, KEEP_HEADS, KEEP_CHANNELS, micro_batches=4):
+            for seed in range(3):
+                model(**batch(seed=seed)).loss.backward()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fragment_plan_reads_exactly_the_omitted_elements_of_any_flat_range(seed):
+    """A flat fragment [start, start + numel) of a (rows, cols) weight, omitted rows or columns: the plan's
+    reads are the omitted elements in the fragment (checked against a boolean mask over the whole weight),
+    and a write-back restores exactly them."""
+    from ds_accel.sat.optim_guard import FragmentPlan
+
+    g = torch.Generator().manual_seed(seed)
+    rows_, cols = (int(x) for x in torch.randint(1, 9, (2,), generator=g))
+    dim = seed % 2
+    n = (rows_, cols)[dim]
+    index = torch.randperm(n, generator=g)[:int(torch.randint(0, n + 1, (1,), generator=g))].sort().values
+    start = int(torch.randint(0, rows_ * cols, (1,), generator=g))
+    numel = int(torch.randint(1, rows_ * cols - start + 1, (1,), generator=g))
+    mask = torch.zeros(rows_, cols, dtype=torch.bool)
+    mask.index_fill_(dim, index, True)
+    in_fragment = mask.flatten()[start:start + numel]
+    plan = FragmentPlan.build((rows_, cols), dim, index, start, numel)
+    fragment = torch.randn(numel, generator=g, dtype=torch.float64)
+    saved = plan.save(fragment)
+    read = torch.cat([s.flatten() for s in saved] or [fragment[:0]])
+    assert sorted(read.tolist()) == sorted(fragment[in_fragment].tolist())
+    assert plan.numel == int(in_fragment.sum())
+    changed = fragment + 1
+    plan.restore(changed, saved)
+    assert torch.equal(changed[in_fragment], fragment[in_fragment])
+    assert torch.equal(changed[~in_fragment], fragment[~in_fragment] + 1)

@@ -2,17 +2,18 @@
 
 What lives here and nowhere else:
 - importance scores are averaged over the data-parallel group before every selection, so all ranks
-  omit the same heads and channels;
+  omit the same heads and channels; the selection runs on the host, once per step (one copy of the
+  scores from the device), and is resolved once into the index tensors the sliced forward uses;
 - under ZeRO-3 the sliced forward reads ``q_proj.weight`` etc. without calling those modules, so the
   weights are registered as external parameters of the attention / MLP module
   (``deepspeed.zero.register_external_parameter``): DeepSpeed then gathers them for that module's
-  forward and backward;
-- omitted rows must not move in the optimizer step (AdamW would decay them and apply momentum even
-  at zero gradient). Their values are saved before ``engine.step()`` and written back after it, in
-  every copy DeepSpeed keeps of them on this rank: the model weight (full under ZeRO 0-2, this rank's
-  shard under ZeRO-3), the fp32 master fragment and the Adam moments (``_hp_mapping`` fragments under
-  ZeRO-1/2 and bf16, ``safe_get_local_*`` partitions under ZeRO-3). The per-tensor Adam step count
-  (bias correction) still advances: it is one number per flat group, shared with the kept rows.
+  forward and backward. The weight slices are then taken at every use (holding them over the step
+  would keep (1 - r) of the whole model on every rank); under ZeRO 0-2 once per step;
+- ``sat.optimizer_policy: freeze`` keeps omitted rows out of the AdamW update: the guard of
+  ``ds_accel.sat.optim_guard`` hooks the inner torch optimizer, which steps this rank's flat fp32
+  partition, and is given the omitted elements of each parameter's piece of that partition (ZeRO-1/2
+  and bf16: ``_hp_mapping`` fragments; ZeRO-3: the local partition; ZeRO-0 fp32: the parameter). The
+  16-bit model weights follow, since DeepSpeed copies them from the partition after the inner step.
 
 Tensor parallelism (AutoTP, see ``ds_accel.parallel.tensor``): a rank holds a block of every layer's
 heads and channels. It computes the kept units of its block only and records their importance; the
@@ -24,56 +25,61 @@ split parameter.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import partial
-from typing import Iterator
+import copy
+import time
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..config import SATConfig
+from ..ds_private import LocalFragment, hp_fragment, zero3_fragment
 from ..flops import LayerWidth
 from ..parallel.tensor import TensorParallel, tensor_parallel
-from ..sat import LORS, ImportanceTracker, decoder_layers, omit, omitted_slices, select
+from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
 from ..sat.importance import CHANNELS, HEADS
-from ..sat.omit import HeadSelection
-from ..sat.optim_guard import OmittedSlice
+from ..sat.omit import resolve
+from ..sat.optim_guard import FragmentPlan, FrozenFragment, OmittedSlice, OmittedStateGuard, plans_on_device
+from ..structure import decoder_layers
 from .params import is_zero3
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _flat_positions(s: OmittedSlice) -> torch.Tensor:
-    """Indices of the omitted elements in the flattened parameter."""
-    shape = getattr(s.param, "ds_shape", s.param.shape)  # a ZeRO-3 weight's own tensor is a 1-D placeholder
-    if len(shape) == 1:
-        return s.index
-    rows, cols = shape
-    if s.dim == 0:
-        return (s.index[:, None] * cols + torch.arange(cols, device=s.index.device)).flatten()
-    return (torch.arange(rows, device=s.index.device)[:, None] * cols + s.index).flatten()
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that does the arithmetic: below accelerate's wrapper, DeepSpeed's engine and
+    ZeRO / bf16 optimizers (each keeps the one it wraps in ``.optimizer``)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
-def _local_copies(p: torch.nn.Parameter, optimizer) -> list[tuple[int, torch.Tensor]]:
-    """(flat offset, 1-D view) of every copy of ``p`` this rank holds: model weight, master, moments."""
+def _local_fragment(p: torch.nn.Parameter, inner: torch.optim.Optimizer) -> LocalFragment | None:
+    """The piece of ``p`` this rank's inner optimizer steps, with its Adam moments (see the module doc)."""
     if is_zero3(p):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+        return zero3_fragment(p, _MOMENTS)
+    mapped = hp_fragment(p, _MOMENTS)
+    if mapped is not None or hasattr(p, "_hp_mapping"):
+        return mapped
+    state = inner.state.get(p, {})
+    return LocalFragment(0, p.numel(), p.data.view(-1), tuple(state[k].view(-1) for k in _MOMENTS if k in state))
 
-        offset = dist.get_rank() * p.ds_tensor.numel() if dist.is_initialized() else 0
-        views = [p.ds_tensor.view(-1), safe_get_local_fp32_param(p)]
-        state = p._z3_optimizer.optimizer.state
-        if state:
-            views += [safe_get_local_optimizer_state(p, key) for key in _MOMENTS]
-        return [(offset, v.view(-1)) for v in views if v is not None]
-    copies = [(0, p.data.view(-1))]
-    mapping = getattr(p, "_hp_mapping", None)
-    if mapping is not None:  # ZeRO-1/2 and bf16: this rank's fragment of the flat fp32 partition
-        start = mapping.lp_fragment_address.start
-        copies.append((start, mapping.hp_fragment.view(-1)))
-        copies += [(start, v.view(-1)) for v in (mapping.optim_fragment or {}).values()]
-    elif p in getattr(optimizer, "state", {}):  # plain torch optimizer (ZeRO-0, fp32)
-        copies += [(0, v.view(-1)) for k, v in optimizer.state[p].items() if k in _MOMENTS]
-    return copies
+
+def frozen_fragments(inner: torch.optim.Optimizer, slices: list[OmittedSlice]) -> list[FrozenFragment]:
+    """The ``freeze`` policy's work for one step on this rank: every omitted slice, cut to the piece of
+    its parameter in this rank's partition; index tensors go to the device in one copy."""
+    parts: list[tuple[FragmentPlan, LocalFragment]] = []
+    for s in slices:
+        fragment = _local_fragment(s.param, inner)
+        if fragment is None or fragment.numel == 0:
+            continue
+        shape = getattr(s.param, "ds_shape", s.param.shape)  # a ZeRO-3 weight's own tensor is a 1-D placeholder
+        plan = FragmentPlan.build(shape, s.dim, s.index, fragment.start, fragment.numel)
+        if plan.pieces:
+            parts.append((plan, fragment))
+    plans = plans_on_device([plan for plan, _ in parts], parts[0][1].master.device) if parts else []
+    return [FrozenFragment(plan, f.master, f.state) for plan, (_, f) in zip(plans, parts)]
 
 
 def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
@@ -96,52 +102,42 @@ def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
         tracker.seen[kind].copy_(next(values).view_as(tracker.seen[kind]) > 0)
 
 
-@contextmanager
-def frozen_omitted(engine, slices: list[OmittedSlice]) -> Iterator[None]:
-    """Around ``engine.step()``: every local copy of the omitted elements comes out bit-identical.
-
-    A copy holding the whole parameter (ZeRO-0, or the model weight under ZeRO-1/2) saves its omitted
-    rows / columns with ``index_select``; a flat fragment of a partition (master and moments under
-    ZeRO-1/2/3) the omitted elements that fall inside it, by flat position.
-    """
-    restore = []
-    with torch.no_grad():
-        for s in slices:
-            shape = getattr(s.param, "ds_shape", s.param.shape)
-            positions = None
-            for offset, view in _local_copies(s.param, engine.optimizer):
-                if offset == 0 and view.numel() == shape.numel():
-                    whole = view.view(shape)
-                    restore.append(partial(whole.index_copy_, s.dim, s.index, whole.index_select(s.dim, s.index)))
-                    continue
-                positions = _flat_positions(s) if positions is None else positions
-                local = positions - offset
-                local = local[(local >= 0) & (local < view.numel())]
-                if local.numel():
-                    restore.append(partial(view.index_put_, (local,), view[local]))
-    yield
-    with torch.no_grad():
-        for write_back in restore:  # the views alias DeepSpeed's buffers, updated in place by the step
-            write_back()
+def _on_host(tracker: ImportanceTracker) -> ImportanceTracker:
+    """A copy of the tracker whose scores live on the host: selection then reads them without a host
+    synchronisation per layer (one copy of each score tensor per step)."""
+    host = copy.copy(tracker)
+    host.score = {kind: s.cpu() for kind, s in tracker.score.items()}
+    host.seen = {kind: s.cpu() for kind, s in tracker.seen.items()}
+    return host
 
 
 class SATController:
-    """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, frozen omitted state.
+    """Per-step SAT for one engine: rate from LORS, DP-averaged selection, sliced step, optimizer policy.
+
+    Per optimizer step: ``begin_step(step)``; one ``with omitting():`` around every micro-batch's forward
+    and backward (and the engine's step calls); ``end_step()``. ``attach(optimizer)`` once per engine.
 
     ``cfg.tp_selection`` (tensor parallelism only): "balanced" selects the top units within each TP
     rank's block, the same number on every rank; "global" the top-k over the layer. Each rank computes
     only its kept units and the row-parallel all-reduce waits for the slowest, so a step takes as long
     as the rank with the most kept units: a global top-k can keep all of a layer's units on one rank
     (at rate 0.5 and tp=2 the other rank idles and the layer saves no time). The price of "balanced"
-    is a per-block quota on which units survive; the rate, and the FLOPs saved, are the same."""
+    is a per-block quota on which units survive; the rate, and the FLOPs saved, are the same.
 
-    def __init__(self, cfg: SATConfig, model, total_steps: int, seed: int, dp_group=None, pipe_group=None):
+    ``bookkeeping_s``: host time spent choosing units, resolving them and in the optimizer guard.
+    """
+
+    def __init__(self, cfg: SATConfig, model, total_steps: int, seed: int, dp_group=None, pipe_group=None,
+                 micro_batches: int = 1):
         """``model``: the HF model, or a pipeline stage's {layer index: block}; ``dp_group``: the ranks that
-        must select alike (default: all); ``pipe_group``: the stages whose layers make up the model."""
-        self.cfg, self.seed = cfg, seed
+        must select alike (default: all); ``pipe_group``: the stages whose layers make up the model;
+        ``micro_batches``: forward/backward passes per optimizer step (gradient accumulation)."""
+        self.cfg, self.seed, self.micro_batches = cfg, seed, micro_batches
         self.dp_group, self.pipe_group = dp_group, pipe_group
         self.lors = LORS(total_steps, cfg.omission_rate, cfg.stage1_fraction, cfg.rungs, cfg.schedule)
         self.rate = 0.0
+        self.guard: OmittedStateGuard | None = None
+        self.bookkeeping_s = 0.0
         self.rebind(model)
 
     def rebind(self, model) -> None:
@@ -156,7 +152,9 @@ class SATController:
                                          decay=self.cfg.ema_decay, metric=self.cfg.metric, seed=self.seed,
                                          device=first.mlp.down_proj.weight.device)
         self.keep_heads, self.keep_channels = {}, {}
-        if is_zero3(first.mlp.down_proj.weight):
+        self.selection = resolve(self.layers, {}, {})
+        self.zero3 = is_zero3(first.mlp.down_proj.weight)
+        if self.zero3:
             from deepspeed import zero
 
             for layer in self.layers.values():
@@ -166,18 +164,34 @@ class SATController:
                         for p in getattr(owner, name).parameters(recurse=False):
                             zero.register_external_parameter(owner, p)
 
+    def attach(self, optimizer: Any) -> None:
+        """Hook the ``freeze`` policy into the optimizer that will step this model (a new engine's)."""
+        if self.guard is not None:
+            self.guard.remove()
+        self.guard = OmittedStateGuard(inner_optimizer(optimizer)) if self.cfg.optimizer_policy == "freeze" else None
+
+    @property
+    def _shard(self):
+        return None if self.tp is None else self.tp.shard
+
     def begin_step(self, step: int) -> float:
         """Choose this step's heads and channels; returns the omission rate."""
+        start = time.perf_counter()
         rate = self.lors.rate(step)
         if step % self.cfg.reselect_every == 0 or rate != self.rate:
             if self.tp is not None:
                 gather_tp_scores(self.tracker, self.tp)
             self._average_scores()
             shards = self.tp.size if self.tp is not None and self.cfg.tp_selection == "balanced" else 1
-            heads, channels = select(self.tracker, rate, self.cfg.granularity, num_shards=shards,
+            heads, channels = select(_on_host(self.tracker), rate, self.cfg.granularity, num_shards=shards,
                                      head_omission_rate=rate if self.cfg.heads else 0.0)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
+            self.selection = resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
         self.rate = rate
+        if self.guard is not None and (self.keep_heads or self.keep_channels):
+            slices = self.omitted()
+            self.guard.arm(lambda: frozen_fragments(self.guard.optimizer, slices))
+        self.bookkeeping_s += time.perf_counter() - start
         return rate
 
     def _average_scores(self) -> None:
@@ -187,20 +201,20 @@ class SATController:
             self.tracker.set_flat(flat / dist.get_world_size(self.dp_group))
 
     def omitting(self):
-        """Context for forward + backward: sliced layers, importance recorded in the same pass."""
-        return omit(self.model, self.keep_heads, self.keep_channels, self.tracker,
-                    shard=None if self.tp is None else self.tp.shard)
+        """Context for every forward + backward of the step: sliced layers, importance recorded in the same pass."""
+        return omit(self.model, self.keep_heads, self.keep_channels, self.tracker, shard=self._shard,
+                    micro_batches=self.micro_batches, keep_slices=not self.zero3, selection=self.selection)
 
     def omitted(self) -> list[OmittedSlice]:
         """This step's omitted slices of the parameters this rank holds (local indices under TP)."""
-        return omitted_slices(self.layers, self.keep_heads, self.keep_channels,
-                              None if self.tp is None else self.tp.shard)
-
-    def guard_optimizer(self, engine):
-        return frozen_omitted(engine, self.omitted())
+        return omitted_slices(self.layers, self.keep_heads, self.keep_channels, self._shard, self.selection)
 
     def end_step(self) -> None:
+        start = time.perf_counter()
         self.tracker.update()
+        if self.guard is not None:
+            self.guard.disarm()
+        self.bookkeeping_s += time.perf_counter() - start
 
     def widths(self) -> list[LayerWidth]:
         """What each layer of the whole model computed this step (all pipeline stages), for the FLOPs count."""
@@ -213,14 +227,17 @@ class SATController:
         return [merged[i] for i in sorted(merged)]
 
     def _local_widths(self) -> dict[int, LayerWidth]:
+        """Kept units per layer, whole model (under TP the selection is global: count it, not the block)."""
         widths = {}
         for index, layer in self.layers.items():
-            attn, config = layer.self_attn, layer.self_attn.config
-            q, kv = config.num_attention_heads, config.num_key_value_heads
+            config = layer.self_attn.config
+            q, kv, m = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
             if index in self.keep_heads:
-                sel = HeadSelection.of(attn, self.keep_heads[index])
-                q, kv = len(sel.q_heads), len(sel.kv_heads)
-            m = len(self.keep_channels[index]) if index in self.keep_channels else config.intermediate_size
+                groups = q // kv
+                q = len(self.keep_heads[index])
+                kv = len(torch.unique(self.keep_heads[index] // groups))
+            if index in self.keep_channels:
+                m = len(self.keep_channels[index])
             widths[index] = LayerWidth(q, kv, m)
         return widths
 
@@ -231,3 +248,35 @@ class SATController:
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.rate, self.keep_heads, self.keep_channels = state["rate"], state["keep_heads"], state["keep_channels"]
+        self.selection = resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
+
+
+class NoSAT:
+    """The dense run's stand-in for :class:`SATController`: the training step reads the same either way."""
+
+    rate = 0.0
+    bookkeeping_s = 0.0
+
+    def attach(self, optimizer: Any) -> None:
+        pass
+
+    def rebind(self, model) -> None:
+        pass
+
+    def begin_step(self, step: int) -> float:
+        return 0.0
+
+    def omitting(self):
+        return nullcontext()
+
+    def end_step(self) -> None:
+        pass
+
+    def widths(self) -> None:
+        return None
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass

@@ -7,9 +7,17 @@ a smaller size (no sparse kernels, no multiplication by zero masks):
   groups), RoPE and scaled-dot-product attention on those heads, o_proj on the matching input columns;
 * MLP: a = act(x W_gate[C]^T) * (x W_up[C]^T), out = a W_down[:, C]^T for the kept channels C.
 
-Autograd runs through the same index_select'ed weights, so the backward is sliced too and omitted rows
-and columns get exactly zero gradient. Kept units are not rescaled (unlike dropout): the kept network
-is a structured subnetwork of the full one, and LORS ends training dense.
+Slicing once per optimizer step: the weights do not change between the micro-batches of one step, so
+the kept rows / columns of every weight are gathered once (at their first use inside the context) and
+reused by every micro-batch and by activation-checkpoint recomputations. Their gradients accumulate in
+the slice, and the full-size gradient (zeros on the omitted rows / columns) goes to the weight once, in
+the backward of the last micro-batch (``micro_batches``), so DeepSpeed's gradient hooks see one
+gradient per step as in a dense step with local accumulation. Omitted rows and columns get exactly zero
+gradient. ``keep_slices=False`` gathers at every use instead (ZeRO-3: the slices of all layers held over
+a step would be (1 - r) of the whole model on every rank, undoing the partitioning).
+
+Kept units are not rescaled (unlike dropout): the kept network is a structured subnetwork of the full
+one, and LORS ends training dense.
 
 Tensor parallelism (Megatron-style, as DeepSpeed AutoTP splits a Llama): a :class:`TensorShard` says which
 query heads and MLP channels this rank holds. The selection stays global (the same on every rank);
@@ -21,11 +29,14 @@ for the duration of the context; a layer or module without an omission keeps HF'
 step at omission rate 0 is bit-for-bit the dense step. Importance is recorded in the same forward:
 from the sliced activations, or on dense modules by a forward pre-hook on o_proj / down_proj that
 only reads their input.
+
+Selections are resolved on the host once per context (:func:`resolve`) and their index tensors go to
+the device in one copy, so the forward and backward of a step never wait on the host.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -47,7 +58,7 @@ Recorder = Callable[..., None]
 
 @dataclass(frozen=True)
 class HeadSelection:
-    """Kept query heads of one attention module and what follows from them under GQA.
+    """Kept query heads of one attention module and what follows from them under GQA (host tensors).
 
     ``kv_heads`` is the union of the kept query heads' KV heads (query head h uses KV head
     h // (num_heads / num_kv_heads)); ``q_to_kv[i]`` is the position of kept query head i's KV head
@@ -62,8 +73,8 @@ class HeadSelection:
 
     @classmethod
     def of(cls, attn: nn.Module, kept: Tensor) -> HeadSelection:
-        config, device = attn.config, attn.q_proj.weight.device
-        q_heads = unique_indices(kept, config.num_attention_heads, f"layer {attn.layer_idx} heads").to(device)
+        config = attn.config
+        q_heads = unique_indices(kept, config.num_attention_heads, f"layer {attn.layer_idx} heads")
         return cls.from_heads(q_heads, config.num_attention_heads // config.num_key_value_heads, attn.head_dim)
 
     @classmethod
@@ -76,68 +87,213 @@ class HeadSelection:
         return cls(q_heads, kv_heads, rows(q_heads), rows(kv_heads), q_to_kv)
 
 
-def _project(x: Tensor, linear: nn.Linear, rows: Tensor) -> Tensor:
-    """x W[rows]^T + b[rows]: the linear layer restricted to some output features."""
-    bias = None if linear.bias is None else linear.bias.index_select(0, rows)
-    return F.linear(x, linear.weight.index_select(0, rows), bias)
+@dataclass(frozen=True)
+class LayerSelection:
+    """One decoder layer's kept units on this rank for one step, resolved on the host.
+
+    ``heads`` / ``channels``: None where that half of the layer runs dense (nothing omitted);
+    otherwise this rank's kept local heads (a :class:`HeadSelection`) / local channel indices, possibly
+    empty under tensor parallelism (the rank holds none of the kept units). ``head_offset`` /
+    ``channel_offset``: the global index of this rank's first local unit (0 without TP).
+    """
+
+    heads: HeadSelection | None
+    channels: Tensor | None
+    head_offset: int = 0
+    channel_offset: int = 0
 
 
-def _output(linear: nn.Module, a: Tensor, columns: Tensor | None, shard: TensorShard | None) -> Tensor:
+def resolve(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
+            shard: TensorShard | None = None) -> dict[int, LayerSelection]:
+    """Every layer's selection on this rank, validated once (indices are read on the host)."""
+    layers = decoder_layers(model_or_layers)
+    unknown = (set(keep_heads) | set(keep_channels)) - set(layers)
+    if unknown:
+        raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
+    out = {}
+    for index, layer in layers.items():
+        attn, mlp = layer.self_attn, layer.mlp
+        config = attn.config
+        heads = channels = None
+        if index in keep_heads:
+            heads = HeadSelection.of(attn, keep_heads[index].cpu())
+            if len(heads.q_heads) == config.num_attention_heads:
+                heads = None
+            elif shard is not None:
+                groups = config.num_attention_heads // config.num_key_value_heads
+                heads = HeadSelection.from_heads(in_block(heads.q_heads, shard.heads), groups, attn.head_dim)
+        if index in keep_channels:
+            n = config.intermediate_size
+            channels = unique_indices(keep_channels[index].cpu(), n, f"layer {index} channels")
+            if len(channels) == n:
+                channels = None
+            elif shard is not None:
+                channels = in_block(channels, shard.channels)
+        out[index] = LayerSelection(heads, channels, 0 if shard is None else shard.heads.start,
+                                    0 if shard is None else shard.channels.start)
+    return out
+
+
+def to_device(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Host index tensors on ``device`` in one copy (pinned and asynchronous on an accelerator)."""
+    if device.type == "cpu" or not tensors:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(flat.split([t.numel() for t in tensors]))
+
+
+class _Slice:
+    """The kept part of one weight along ``dim`` for one step, and its accumulated gradient."""
+
+    def __init__(self, dim: int, index: Tensor, emit_every: int, keep: bool) -> None:
+        self.dim, self.index, self.emit_every, self.keep = dim, index, emit_every, keep
+        self.value: Tensor | None = None
+        self.grad: Tensor | None = None
+        self.shape: torch.Size | None = None
+        self.gathers = 0
+        self.backwards = 0
+
+
+class _SlicedWeight(torch.autograd.Function):
+    """``weight.index_select(dim, index)`` gathered once per step; the gradient reaches ``weight`` once.
+
+    The backward of every micro-batch adds into the slice's gradient; the ``emit_every``-th writes the
+    full-size gradient (zero outside the kept rows / columns) and returns None in between, so the
+    weight's gradient accumulator and DeepSpeed's hooks on it run once per step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, entry: _Slice) -> Tensor:
+        ctx.entry = entry
+        if entry.value is not None:
+            return entry.value.detach()
+        value = weight.index_select(entry.dim, entry.index)
+        entry.shape, entry.gathers = weight.shape, entry.gathers + 1
+        if entry.keep:
+            entry.value = value.detach()  # no reference from the cache to this call's graph
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        entry = ctx.entry
+        entry.grad = grad if entry.grad is None else entry.grad + grad
+        entry.backwards += 1
+        if entry.backwards % entry.emit_every:
+            return None, None
+        full = grad.new_zeros(entry.shape).index_copy_(entry.dim, entry.index, entry.grad)
+        entry.grad = None
+        return full, None
+
+
+class StepSlices:
+    """The sliced weights of one :func:`omit` context (see the module docstring)."""
+
+    def __init__(self, micro_batches: int = 1, keep: bool = True) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches, self.keep = micro_batches, keep
+        self.entries: dict[int, _Slice] = {}
+
+    def __call__(self, param: Tensor | None, dim: int, index: Tensor) -> Tensor | None:
+        if param is None:
+            return None
+        entry = self.entries.get(id(param))
+        if entry is None:
+            entry = self.entries[id(param)] = _Slice(dim, index, self.micro_batches, self.keep)
+        return _SlicedWeight.apply(param, entry)
+
+    @property
+    def gathers(self) -> int:
+        """Weight gathers (index_select of a whole weight) so far; with ``keep``, one per sliced weight."""
+        return sum(e.gathers for e in self.entries.values())
+
+    def check_complete(self) -> None:
+        """Every sliced weight got its gradient: the backward passes came in whole steps."""
+        pending = [e.backwards for e in self.entries.values() if e.backwards % e.emit_every]
+        if pending:
+            raise RuntimeError(f"omit(): {pending[0]} backward passes ran for micro_batches={self.micro_batches}; "
+                               "the sliced gradients of the unfinished step were not written to the weights")
+
+
+def _output(linear: nn.Module, a: Tensor, weight: Tensor | None, shard: TensorShard | None) -> Tensor:
     """a W[:, columns]^T + b: the output projection (o_proj, down_proj) on some of its input features.
 
     Under tensor parallelism the ranks' partial products are summed and the replicated bias is added
-    once, after the sum. ``columns`` None: this rank keeps none of its features and contributes
+    once, after the sum. ``weight`` None: this rank keeps none of its features and contributes
     ``0 * a`` (``a`` is then the layer input, of the output's width), which keeps the rank in both
     collectives of the forward and of the backward.
     """
     if shard is None:
-        return F.linear(a, linear.weight.index_select(1, columns), linear.bias)
-    part = a * 0 if columns is None else F.linear(a, linear.weight.index_select(1, columns))
+        return F.linear(a, weight, linear.bias)
+    part = a * 0 if weight is None else F.linear(a, weight)
     out = shard.reduce(part)
     return out if linear.bias is None else out + linear.bias
 
 
-def _sliced_attention(attn: nn.Module, heads: HeadSelection | None, shard: TensorShard | None,
-                      record: Recorder | None, hidden_states: Tensor,
+@dataclass(frozen=True)
+class _AttentionIndex:
+    q_rows: Tensor
+    kv_rows: Tensor
+    q_to_kv: Tensor | None
+    kept: Tensor  # global query heads, for recording
+
+
+@dataclass(frozen=True)
+class _MLPIndex:
+    channels: Tensor
+    kept: Tensor  # global channels, for recording
+
+
+def _sliced_attention(attn: nn.Module, index: _AttentionIndex | None, shard: TensorShard | None,
+                      record: Recorder | None, slices: StepSlices, hidden_states: Tensor,
                       position_embeddings: tuple[Tensor, Tensor] | None = None,
                       attention_mask: Tensor | None = None, cache: Any = None,
                       **kwargs: Any) -> tuple[Tensor, None]:
     """LlamaAttention.forward on the kept heads only; same signature and (output, None) return.
 
-    ``heads`` index this rank's own rows (all of them without tensor parallelism); None: it keeps none.
+    ``index`` addresses this rank's own rows (all of them without tensor parallelism); None: it keeps none.
     """
     if cache is not None or kwargs.get("past_key_values") is not None:
         raise ValueError("omit(): a KV cache cannot hold omitted heads; call the model with use_cache=False")
     x = hidden_states if shard is None else shard.enter(hidden_states)
-    if heads is None:
+    if index is None:
         return _output(attn.o_proj, x, None, shard), None
     head_shape = (-1, attn.head_dim)
-    q = _project(x, attn.q_proj, heads.q_rows).unflatten(-1, head_shape).transpose(1, 2)
-    k = _project(x, attn.k_proj, heads.kv_rows).unflatten(-1, head_shape).transpose(1, 2)
-    v = _project(x, attn.v_proj, heads.kv_rows).unflatten(-1, head_shape).transpose(1, 2)
+
+    def project(linear: nn.Linear, rows: Tensor) -> Tensor:
+        return F.linear(x, slices(linear.weight, 0, rows), slices(linear.bias, 0, rows))
+
+    q = project(attn.q_proj, index.q_rows).unflatten(-1, head_shape).transpose(1, 2)
+    k = project(attn.k_proj, index.kv_rows).unflatten(-1, head_shape).transpose(1, 2)
+    v = project(attn.v_proj, index.kv_rows).unflatten(-1, head_shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    if heads.q_to_kv is not None:
-        k, v = k.index_select(1, heads.q_to_kv), v.index_select(1, heads.q_to_kv)
+    if index.q_to_kv is not None:
+        k, v = k.index_select(1, index.q_to_kv), v.index_select(1, index.q_to_kv)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attention_mask, dropout_p=attn.attention_dropout if attn.training else 0.0,
         is_causal=attention_mask is None and q.shape[2] > 1, scale=attn.scaling)
     out = out.transpose(1, 2).flatten(-2)
+    weight = slices(attn.o_proj.weight, 1, index.q_rows)
     if record is not None:
-        record(out, weight=attn.o_proj.weight.index_select(1, heads.q_rows).detach())
-    return _output(attn.o_proj, out, heads.q_rows, shard), None
+        record(out, kept=index.kept, weight=weight.detach())
+    return _output(attn.o_proj, out, weight, shard), None
 
 
-def _sliced_mlp(mlp: nn.Module, channels: Tensor | None, shard: TensorShard | None, record: Recorder | None,
-                x: Tensor) -> Tensor:
+def _sliced_mlp(mlp: nn.Module, index: _MLPIndex | None, shard: TensorShard | None, record: Recorder | None,
+                slices: StepSlices, x: Tensor) -> Tensor:
     """LlamaMLP.forward on the kept channels only (this rank's local indices; None: it keeps none)."""
     x = x if shard is None else shard.enter(x)
-    if channels is None:
+    if index is None:
         return _output(mlp.down_proj, x, None, shard)
-    a = mlp.act_fn(_project(x, mlp.gate_proj, channels)) * _project(x, mlp.up_proj, channels)
+    c = index.channels
+    gate = F.linear(x, slices(mlp.gate_proj.weight, 0, c), slices(mlp.gate_proj.bias, 0, c))
+    a = mlp.act_fn(gate) * F.linear(x, slices(mlp.up_proj.weight, 0, c), slices(mlp.up_proj.bias, 0, c))
+    weight = slices(mlp.down_proj.weight, 1, c)
     if record is not None:
-        record(a, weight=mlp.down_proj.weight.index_select(1, channels).detach())
-    return _output(mlp.down_proj, a, channels, shard)
+        record(a, kept=index.kept, weight=weight.detach())
+    return _output(mlp.down_proj, a, weight, shard)
 
 
 def _swap_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
@@ -155,80 +311,106 @@ def _swap_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[]
     return undo
 
 
-def _observe_input(module: nn.Module, record: Recorder) -> Callable[[], None]:
-    """Forward pre-hook passing the module's input to ``record``; returns the undo."""
-    return module.register_forward_pre_hook(lambda mod, args: record(args[0], weight=mod.weight.detach())).remove
+def _observe_dense(linear: nn.Module, record: Recorder, kept: Tensor | None) -> Callable[[], None]:
+    """Observe the dense input of the output projection (a forward pre-hook): all units, or this rank's
+    block (``kept``, global indices) under TP."""
+    return linear.register_forward_pre_hook(
+        lambda mod, args: record(args[0], kept=kept, weight=mod.weight.detach())).remove
 
 
-def _observe_dense(linear: nn.Module, record: Recorder | None, block: range | None) -> Callable[[], None] | None:
-    """When recording, observe the dense input of the output projection: all units, or this rank's block."""
-    if record is None:
-        return None
-    if block is not None:
-        record = partial(record, kept=torch.arange(block.start, block.stop, device=linear.weight.device))
-    return _observe_input(linear, record)
-
-
-def _omit_attention(attn: nn.Module, kept: Tensor | None, record: Recorder | None,
-                    shard: TensorShard | None) -> Callable[[], None] | None:
-    """Sliced forward if some heads are omitted; else, when recording, observe the dense o_proj input."""
-    heads = None if kept is None else HeadSelection.of(attn, kept)
-    if heads is None or heads.q_heads.numel() == attn.config.num_attention_heads:
-        return _observe_dense(attn.o_proj, record, None if shard is None else shard.heads)
+def _host_indices(sel: LayerSelection, shard: TensorShard | None) -> list[Tensor]:
+    """The host index tensors of one layer's selection, in the order :func:`_device_indices` reads them."""
+    out: list[Tensor] = []
+    heads, channels = sel.heads, sel.channels
+    if heads is not None and len(heads.q_heads):
+        out += [heads.q_rows, heads.kv_rows, heads.q_heads + sel.head_offset]
+        out += [] if heads.q_to_kv is None else [heads.q_to_kv]
+    if channels is not None and len(channels):
+        out += [channels, channels + sel.channel_offset]
     if shard is not None:
-        local = in_block(heads.q_heads, shard.heads)
-        groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
-        heads = HeadSelection.from_heads(local, groups, attn.head_dim) if local.numel() else None
-    if record is not None and heads is not None:
-        record = partial(record, kept=heads.q_heads if shard is None else heads.q_heads + shard.heads.start)
-    return _swap_forward(attn, partial(_sliced_attention, attn, heads, shard, record))
+        out += [torch.arange(shard.heads.start, shard.heads.stop),
+                torch.arange(shard.channels.start, shard.channels.stop)]
+    return out
 
 
-def _omit_mlp(mlp: nn.Module, kept: Tensor | None, record: Recorder | None,
-              shard: TensorShard | None) -> Callable[[], None] | None:
-    """Sliced forward if some channels are omitted; else, when recording, observe the dense down_proj input."""
-    n = mlp.intermediate_size
-    channels = None if kept is None else unique_indices(kept, n, "channels").to(mlp.down_proj.weight.device)
-    if channels is None or channels.numel() == n:
-        return _observe_dense(mlp.down_proj, record, None if shard is None else shard.channels)
-    if shard is not None:
-        local = in_block(channels, shard.channels)
-        channels = local if local.numel() else None
-    if record is not None and channels is not None:
-        record = partial(record, kept=channels if shard is None else channels + shard.channels.start)
-    return _swap_forward(mlp, partial(_sliced_mlp, mlp, channels, shard, record))
+def _device_indices(sel: LayerSelection, shard: TensorShard | None, dev: Iterator[Tensor]
+                    ) -> tuple[_AttentionIndex | None, _MLPIndex | None, Tensor | None, Tensor | None]:
+    """One layer's index tensors, taken from the device copies of :func:`_host_indices`: the sliced
+    attention's and MLP's (None: this rank keeps none) and, under TP, the global units of this rank's
+    block that a dense half records."""
+    heads, channels = sel.heads, sel.channels
+    attn = mlp = None
+    if heads is not None and len(heads.q_heads):
+        q_rows, kv_rows, kept = next(dev), next(dev), next(dev)
+        attn = _AttentionIndex(q_rows, kv_rows, None if heads.q_to_kv is None else next(dev), kept)
+    if channels is not None and len(channels):
+        mlp = _MLPIndex(next(dev), next(dev))
+    block_heads, block_channels = (next(dev), next(dev)) if shard is not None else (None, None)
+    return attn, mlp, block_heads, block_channels
+
+
+@contextmanager
+def _no_kv_cache(layers: dict[int, nn.Module]) -> Iterator[None]:
+    """Training builds no KV cache under omission (as HF turns caching off under gradient checkpointing):
+    a cache could not hold the omitted heads, and there is nothing to generate from in a training step."""
+    configs = {id(layer.self_attn.config): layer.self_attn.config for layer in layers.values()}
+    previous = {key: config.use_cache for key, config in configs.items()}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config.use_cache = previous[key]
 
 
 @contextmanager
 def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
-         tracker: ImportanceTracker | None = None, shard: TensorShard | None = None) -> Iterator[None]:
+         tracker: ImportanceTracker | None = None, shard: TensorShard | None = None,
+         micro_batches: int = 1, keep_slices: bool = True,
+         selection: dict[int, LayerSelection] | None = None) -> Iterator[StepSlices]:
     """Within the context, forward and backward compute only the kept heads and MLP channels.
 
     ``keep_heads`` / ``keep_channels``: {layer index: kept query-head / channel indices}; a layer missing
     from a dict, or keeping all its units, stays dense (HF's forward, untouched). With a ``tracker``,
     every layer records importance in the same forward: ``omit(model, {}, {}, tracker)`` is the dense
     recording step for omission rate 0. Run the backward inside the context when gradient checkpointing
-    recomputes layers. Leaving the context removes every swapped forward and hook.
+    recomputes layers. Leaving the context removes every swapped forward and hook. The model builds no
+    KV cache inside the context (``config.use_cache`` is off; an explicit cache is an error).
+
+    One context is one optimizer step: ``micro_batches`` forward/backward passes share the weight
+    slices, and the weights get their gradient at the last backward (see the module docstring);
+    ``keep_slices=False`` re-gathers the slices at every use. The context yields its
+    :class:`StepSlices` (``.gathers`` counts the weight gathers).
 
     ``shard``: under tensor parallelism, this rank's block; the dicts still hold global indices (the
-    same on every rank) and the tracker records each unit on the rank that holds it.
+    same on every rank) and the tracker records each unit on the rank that holds it. ``selection``:
+    the dicts already resolved by :func:`resolve` (an engine resolves once per step and reuses it).
     """
     layers = decoder_layers(model_or_layers)
-    unknown = (set(keep_heads) | set(keep_channels)) - set(layers)
-    if unknown:
-        raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
-    undo: list[Callable[[], None] | None] = []
-    try:
+    selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
+    slices = StepSlices(micro_batches, keep_slices)
+    host = {index: _host_indices(selection[index], shard) for index in layers}
+    device = layers[next(iter(layers))].mlp.down_proj.weight.device
+    dev = iter(to_device([t for index in layers for t in host[index]], device))
+    with ExitStack() as undo:
+        undo.enter_context(_no_kv_cache(layers))
         for index, layer in layers.items():
-            record_heads = None if tracker is None else partial(tracker.record_heads, index)
-            record_channels = None if tracker is None else partial(tracker.record_channels, index)
-            undo.append(_omit_attention(layer.self_attn, keep_heads.get(index), record_heads, shard))
-            undo.append(_omit_mlp(layer.mlp, keep_channels.get(index), record_channels, shard))
-        yield
-    finally:
-        for step in reversed(undo):
-            if step is not None:
-                step()
+            sel = selection[index]
+            attn_index, mlp_index, block_heads, block_channels = _device_indices(sel, shard, dev)
+            attn, mlp = layer.self_attn, layer.mlp
+            if sel.heads is not None:
+                record = None if tracker is None else partial(tracker.record_heads, index)
+                undo.callback(_swap_forward(attn, partial(_sliced_attention, attn, attn_index, shard, record, slices)))
+            elif tracker is not None:
+                undo.callback(_observe_dense(attn.o_proj, partial(tracker.record_heads, index), block_heads))
+            if sel.channels is not None:
+                record = None if tracker is None else partial(tracker.record_channels, index)
+                undo.callback(_swap_forward(mlp, partial(_sliced_mlp, mlp, mlp_index, shard, record, slices)))
+            elif tracker is not None:
+                undo.callback(_observe_dense(mlp.down_proj, partial(tracker.record_channels, index), block_channels))
+        yield slices
+    slices.check_complete()
 
 
 def kept_fraction(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict) -> dict[str, float]:
@@ -237,8 +419,8 @@ def kept_fraction(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Kee
     kept, total = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for index, layer in decoder_layers(model_or_layers).items():
         config, n_channels = layer.self_attn.config, layer.mlp.intermediate_size
-        heads = HeadSelection.of(layer.self_attn, keep_heads.get(index, torch.arange(config.num_attention_heads)))
-        channels = unique_indices(keep_channels.get(index, torch.arange(n_channels)), n_channels, "channels")
+        heads = HeadSelection.of(layer.self_attn, keep_heads.get(index, torch.arange(config.num_attention_heads)).cpu())
+        channels = unique_indices(keep_channels.get(index, torch.arange(n_channels)).cpu(), n_channels, "channels")
         for key, k, n in (("heads", len(heads.q_heads), config.num_attention_heads),
                           ("kv_heads", len(heads.kv_heads), config.num_key_value_heads),
                           ("channels", len(channels), n_channels)):
@@ -247,4 +429,4 @@ def kept_fraction(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Kee
     return {key: kept[key] / total[key] for key in kept}
 
 
-__all__ = ["HeadSelection", "kept_fraction", "omit"]
+__all__ = ["HeadSelection", "LayerSelection", "StepSlices", "kept_fraction", "omit", "resolve", "to_device"]
