@@ -108,6 +108,8 @@ def _equivalence_worker():
                 "exact": all(torch.equal(state[k], ref_state[k]) for k in ref_state),
                 "local_qkv": tuple(gpt.decoder.layers[0].self_attention.linear_qkv.weight.shape),
                 "local_fc1": tuple(gpt.decoder.layers[0].mlp.linear_fc1.weight.shape),
+                "split": {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None))
+                          for n, p in gpt.named_parameters()},
             }
     return out
 
@@ -121,6 +123,10 @@ def test_gpt_from_hf_equals_hf_llama_at_tp1_and_tp2_and_round_trips_exactly():
             assert r["loss"] < 1e-5, (tp, tied, r)
             assert r["keys"] and r["exact"], (tp, tied)
             # each rank holds K/tp whole groups of (4 query + k + v) x head_dim 8 rows, and [gate_r; up_r]
+            # split weights marked as Megatron's initialisation marks them (DeepSpeed's gradient norm reads it)
+            for name, split in r["split"].items():
+                dim = 1 if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else 0
+                assert split == ((False, None) if name.endswith("layernorm.weight") else (True, dim)), name
             assert r["local_qkv"] == (4 * (2 + 2) * 8 // tp, 64) and r["local_fc1"] == (2 * 96 // tp, 64)
 
 

@@ -113,7 +113,10 @@ def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=None if runtime.on_cpu() else True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds))
+    mpu = None
+    if cfg.model.backend == "megatron":  # Megatron's parallel state: DeepSpeed's data-parallel and TP groups
+        from ..megatron import mpu
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds), mpu=mpu)
     return engine
 
 

@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from . import _cpu
-from .layout import check_tp, hf_names
+from .layout import check_tp, hf_names, placement
 from .params import MegatronParams, unwrap_gpt
 from .parallel import tp_group, tp_world
 
@@ -77,14 +78,18 @@ def empty_gpt(config: LlamaConfig, bf16: bool = False) -> nn.Module:
     with torch.no_grad():
         for p in gpt.parameters():
             p.zero_()
+    for name in hf_names(config):  # Megatron marks split weights while initialising them, which is skipped here
+        where = placement(name, config, tp_world())
+        if where.dim is not None:  # DeepSpeed's gradient norm counts a split weight on every TP rank
+            set_tensor_model_parallel_attributes(gpt.get_parameter(where.megatron), True, where.dim, 1)
     return gpt
 
 
-def load_hf(gpt: nn.Module, config: LlamaConfig, value: Callable[[str], Tensor]) -> None:
-    """Write every HF parameter ``value(name)`` (whole tensor, the same on every rank) into the model."""
+def load_hf(gpt: nn.Module, config: LlamaConfig, value: Callable[[str, torch.Size], Tensor]) -> None:
+    """Write every HF parameter ``value(name, shape)`` (the whole tensor, the same on every rank), one at a time."""
     params = MegatronParams.of(gpt, config)
-    for name in params.shapes:
-        params.write(name, value(name))
+    for name, shape in params.shapes.items():
+        params.write(name, value(name, shape))
 
 
 def gpt_from_hf(hf_model_or_config: LlamaForCausalLM | LlamaConfig, bf16: bool = False) -> nn.Module:
@@ -96,7 +101,7 @@ def gpt_from_hf(hf_model_or_config: LlamaForCausalLM | LlamaConfig, bf16: bool =
         return empty_gpt(hf_model_or_config, bf16)
     config, state = hf_model_or_config.config, hf_model_or_config.state_dict()
     gpt = empty_gpt(config, bf16)
-    load_hf(gpt, config, lambda name: state[name].detach())
+    load_hf(gpt, config, lambda name, shape: state[name].detach())
     return gpt
 
 
