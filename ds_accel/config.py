@@ -8,7 +8,6 @@ message names the field and the fix; the CLI prints it as one line, without a tr
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import types
@@ -40,7 +39,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, monitor/ (TensorBoard, CSV), loss.png, export/
-    seed: int = 0  # model init, data order, SAT random metric
+    seed: int = 0  # model init, data order, SAT random metric and sample selection
     total_steps: int = 200  # optimizer steps over the whole run (all V-cycle levels together)
     eval_every: int = 50  # validation loss every N steps (and at the end)
     eval_batches: int = 8  # validation micro-batches per evaluation
@@ -69,7 +68,6 @@ class ModelConfig:
     pretrained: str | None = None  # local HF Llama checkpoint dir, loaded with from_pretrained
     tie_word_embeddings: bool | None = None  # override the preset's choice
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
-    backend: str = "hf"  # hf (transformers' LlamaForCausalLM) | megatron (Megatron-core GPTModel, Megatron TP: parallel.tp; pip install -e ".[megatron]")
 
 
 @dataclass
@@ -109,7 +107,8 @@ class SATConfig:
     schedule: str = "ladder"  # ladder (LORS) | constant | linear
     stage1_fraction: float = 0.5  # LORS: share of steps at the constant rate
     rungs: int = 4  # LORS: equal steps down to dense, the last one dense
-    metric: str = "magnitude"  # magnitude (activation-based importance) | random (control)
+    metric: str = "activation"  # importance: activation (mean |activation|) | weight (L2 norm of the unit's output-projection weights) | wanda (|W| x input norm) | random (control)
+    selection: str = "topk"  # topk (the most important units) | sample (drawn without replacement, probability proportional to importance)
     ema_decay: float = 0.9  # importance moving average
     reselect_every: int = 1  # re-select heads/channels every N steps
     granularity: str = "head"  # head (query heads) | kv_group (whole GQA groups)
@@ -121,7 +120,6 @@ class SATConfig:
 @dataclass
 class ParallelConfig:
     pp: int = 1  # pipeline stages (DeepSpeed PipelineModule; ZeRO-0/1 only); TP is the DS config's autotp_size
-    tp: int = 1  # Megatron tensor-parallel ranks per group (model.backend megatron only; HF models: the DS config's autotp_size)
 
 
 @dataclass
@@ -147,13 +145,13 @@ class TrainConfig:
 _CHOICES = {
     "data.corpus": ("kjv", "stdlib"),
     "model.dtype": ("auto", "fp32", "bf16"),
-    "model.backend": ("hf", "megatron"),
     "multilevel.pairing": ("half", "adjacent"),
     "multilevel.optimizer_policy": ("fresh", "transfer"),
     "multilevel.lr_schedule": ("authors", "stage", "run"),
     "multilevel.lr_decay": ("auto", "cosine", "linear"),
     "sat.schedule": ("ladder", "constant", "linear"),
-    "sat.metric": ("magnitude", "random"),
+    "sat.metric": ("activation", "weight", "wanda", "random"),
+    "sat.selection": ("topk", "sample"),
     "sat.granularity": ("head", "kv_group"),
     "sat.tp_selection": ("balanced", "global"),
 }
@@ -204,13 +202,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -246,17 +237,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= s.ema_decay < 1, f"sat.ema_decay: must be in [0, 1), got {s.ema_decay}")
     _require(0 <= m.alpha <= 1, f"multilevel.alpha: must be in [0, 1], got {m.alpha}")
     _require(cfg.parallel.pp >= 1, f"parallel.pp: must be >= 1, got {cfg.parallel.pp}")
-    _require(cfg.parallel.tp >= 1, f"parallel.tp: must be >= 1, got {cfg.parallel.tp}")
-    if cfg.model.backend == "megatron":
-        _require(_installed("megatron.core"), "model.backend: megatron needs megatron-core; install it with "
-                                             "pip install -e \".[megatron]\"")
-        _require(cfg.parallel.pp == 1, "parallel.pp: pipeline stages are not supported with model.backend megatron; "
-                                       "use parallel.pp=1 (its tensor parallelism is parallel.tp)")
-        _require(m.optimizer_policy == "fresh", "multilevel.optimizer_policy: model.backend megatron maps weights, not "
-                                                "Adam moments, across levels; use fresh")
-    else:
-        _require(cfg.parallel.tp == 1, "parallel.tp: Megatron tensor parallelism needs model.backend megatron; for HF "
-                                       "models set tensor_parallel.autotp_size in the DeepSpeed config (ds_configs/tp2.json)")
     if m.enabled:
         n_stages = 2 * m.levels - 1
         _require(m.levels >= 2, "multilevel.levels: must be >= 2 when multilevel.enabled (1 is dense training)")

@@ -1,17 +1,21 @@
 """Importance of attention heads and MLP channels for Sparsity-Accelerated Training (Ma et al., 2024).
 
 SAT omits the least important units of each layer in a training step. A unit's importance is a
-statistic of its activation, gathered from the forward passes training already runs (no extra pass),
-smoothed over steps with an exponential moving average (EMA):
+statistic gathered from the forward passes training already runs (no extra pass), smoothed over steps
+with an exponential moving average (EMA). Every metric reads what the output projection (o_proj,
+down_proj) of the unit sees: its input x (per token, the unit's features: head_dim of them for an
+attention head, one for an MLP channel) and its columns W[:, unit] of that projection's weight. The
+sliced forward of :mod:`ds_accel.sat.omit` and the dense forward pass the same, so a unit scores the same
+whichever path computed it. ``sat.metric`` (the paper compares activation- and weight-based metrics):
 
-* MLP channel c:   mean over tokens of |a_c|, with a = act(x W_gate^T) * (x W_up^T), the input of
-  down_proj;
-* attention head h: mean over tokens of ||o_h||_2, with o_h the head's attention output (its head_dim
-  block of the o_proj input).
-
-Both statistics are read off the input of the output projection (o_proj, down_proj), which the sliced
-forward of :mod:`ds_accel.sat.omit` and the dense forward share, so a unit scores the same whichever
-path computed it.
+* ``activation`` (the default): MLP channel c, mean over tokens of |a_c| with a = act(x W_gate^T) *
+  (x W_up^T); attention head h, mean over tokens of ||o_h||_2, its attention output;
+* ``weight``: the L2 (Frobenius) norm of the unit's output-projection columns, ||W[:, unit]||_F; the
+  unit's q/k/v or gate/up rows are not part of it (the recorders see only the output projection);
+* ``wanda`` (Wanda pruning's |W_ij| ||X_j||_2, summed over the unit's weights): sum over the unit's input
+  features j of ||W[:, j]||_1 * rms_t(x_j), the RMS over tokens in place of Wanda's norm over tokens
+  (the same ranking within a forward, and micro-batches of any size average alike);
+* ``random``: uniform random scores, the control.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from ds_accel.structure import decoder_layers
 
-METRICS = ("magnitude", "random")
+METRICS = ("activation", "weight", "wanda", "random")
 HEADS, CHANNELS = "heads", "channels"
 
 
@@ -48,6 +52,24 @@ def channel_magnitude(a: Tensor) -> Tensor:
     """
     tokens = a.numel() // a.shape[-1]
     return torch.linalg.vector_norm(a, ord=1, dim=tuple(range(a.dim() - 1)), dtype=_wide(a)) / tokens
+
+
+def weight_norm(weight: Tensor, unit_size: int) -> Tensor:
+    """Per unit: ||W[:, unit]||_F over the unit's ``unit_size`` consecutive columns of ``weight`` (out, units * unit_size)."""
+    columns = torch.linalg.vector_norm(weight, dim=0, dtype=_wide(weight))
+    return columns.square().view(-1, unit_size).sum(1).sqrt()
+
+
+def wanda(x: Tensor, weight: Tensor, unit_size: int) -> Tensor:
+    """Per unit: sum over its input features j of ||W[:, j]||_1 * rms over tokens of x_j.
+
+    ``x`` (..., units * unit_size) is the projection's input and ``weight`` (out, units * unit_size) its
+    columns of the same units, in the same order.
+    """
+    tokens = x.numel() // x.shape[-1]
+    rms = torch.linalg.vector_norm(x.flatten(0, -2), dim=0, dtype=_wide(x)) / tokens ** 0.5
+    column_l1 = torch.linalg.vector_norm(weight, ord=1, dim=0, dtype=_wide(weight))
+    return (column_l1 * rms).view(-1, unit_size).sum(1)
 
 
 class ImportanceTracker:
@@ -75,12 +97,12 @@ class ImportanceTracker:
 
     Args: ``layers`` the decoder-layer indices tracked (global indices on a pipeline stage); the sizes
     of one layer (query heads, KV heads, MLP channels, head_dim); ``decay`` the EMA decay in [0, 1);
-    ``metric`` "magnitude" or "random"; ``seed`` for "random"; ``device`` of the score tensors (put
-    them where the activations and the all-reduce are).
+    ``metric`` one of :data:`METRICS` (see the module docstring); ``seed`` for "random"; ``device`` of
+    the score tensors (put them where the activations and the all-reduce are).
     """
 
     def __init__(self, layers: Iterable[int], num_heads: int, num_kv_heads: int, num_channels: int,
-                 head_dim: int, decay: float = 0.9, metric: str = "magnitude", seed: int = 0,
+                 head_dim: int, decay: float = 0.9, metric: str = "activation", seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -118,16 +140,28 @@ class ImportanceTracker:
     @torch.no_grad()
     def record_heads(self, layer: int, o_input: Tensor, kept: Tensor | None = None,
                      weight: Tensor | None = None) -> None:
-        """Record one forward's head statistic from the o_proj input; ``kept``: its heads (None: all)."""
-        if self.metric == "magnitude":
-            self._accumulate(HEADS, layer, head_magnitude(o_input.detach(), self.head_dim), kept)
+        """Record one forward's head statistic from the o_proj input; ``kept``: its heads (None: all);
+        ``weight``: o_proj's columns of those heads (needed by the weight and wanda metrics)."""
+        if self.metric != "random":
+            self._accumulate(HEADS, layer, self._statistic(o_input, weight, self.head_dim), kept)
 
     @torch.no_grad()
     def record_channels(self, layer: int, a: Tensor, kept: Tensor | None = None,
                         weight: Tensor | None = None) -> None:
-        """Record one forward's channel statistic from the down_proj input; ``kept``: its channels."""
-        if self.metric == "magnitude":
-            self._accumulate(CHANNELS, layer, channel_magnitude(a.detach()), kept)
+        """Record one forward's channel statistic from the down_proj input; ``kept``: its channels;
+        ``weight``: down_proj's columns of those channels (needed by the weight and wanda metrics)."""
+        if self.metric != "random":
+            self._accumulate(CHANNELS, layer, self._statistic(a, weight, 1), kept)
+
+    def _statistic(self, x: Tensor, weight: Tensor | None, unit_size: int) -> Tensor:
+        """The metric's per-unit statistic of one forward (units of ``unit_size`` features of ``x``)."""
+        x = x.detach()
+        if self.metric == "activation":
+            return channel_magnitude(x) if unit_size == 1 else head_magnitude(x, unit_size)
+        if weight is None:
+            raise ValueError(f"metric {self.metric!r} scores units by their output-projection weights; "
+                             "the recorder must pass weight=")
+        return weight_norm(weight, unit_size) if self.metric == "weight" else wanda(x, weight, unit_size)
 
     def _accumulate(self, kind: str, layer: int, stat: Tensor, kept: Tensor | None) -> None:
         total, count = self._sum[kind][self.row[layer]], self._count[kind][self.row[layer]]
@@ -162,9 +196,13 @@ class ImportanceTracker:
             score.copy_(torch.rand(score.shape, generator=self.generator))
             self.seen[kind].fill_(True)
 
+    def ranking(self, kind: str) -> Tensor:
+        """Scores for selection of every tracked layer, (layers, units) in :attr:`layers` order, with +inf
+        for units never computed; ``kind`` "heads" (query heads) or "channels"."""
+        return torch.where(self.seen[kind], self.score[kind], torch.inf)
+
     def _ranking(self, kind: str, layer: int) -> Tensor:
-        row = self.row[layer]
-        return torch.where(self.seen[kind][row], self.score[kind][row], torch.inf)
+        return self.ranking(kind)[self.row[layer]]
 
     def head_scores(self, layer: int) -> Tensor:
         """Scores of the query heads of ``layer`` for selection (+inf for heads never computed)."""
@@ -211,4 +249,4 @@ class ImportanceTracker:
         self.generator.set_state(state["generator"])
 
 
-__all__ = ["ImportanceTracker", "METRICS", "channel_magnitude", "head_magnitude"]
+__all__ = ["ImportanceTracker", "METRICS", "channel_magnitude", "head_magnitude", "wanda", "weight_norm"]
