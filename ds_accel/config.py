@@ -8,6 +8,7 @@ message names the field and the fix; the CLI prints it as one line, without a tr
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import types
@@ -68,6 +69,7 @@ class ModelConfig:
     pretrained: str | None = None  # local HF Llama checkpoint dir, loaded with from_pretrained
     tie_word_embeddings: bool | None = None  # override the preset's choice
     dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16
+    backend: str = "hf"  # hf (transformers' LlamaForCausalLM) | megatron (Megatron-core GPTModel, Megatron TP: parallel.tp; pip install -e ".[megatron]")
 
 
 @dataclass
@@ -120,6 +122,7 @@ class SATConfig:
 @dataclass
 class ParallelConfig:
     pp: int = 1  # pipeline stages (DeepSpeed PipelineModule; ZeRO-0/1 only); TP is the DS config's autotp_size
+    tp: int = 1  # Megatron tensor-parallel ranks per group (model.backend megatron only; HF models: the DS config's autotp_size)
 
 
 @dataclass
@@ -145,6 +148,7 @@ class TrainConfig:
 _CHOICES = {
     "data.corpus": ("kjv", "stdlib"),
     "model.dtype": ("auto", "fp32", "bf16"),
+    "model.backend": ("hf", "megatron"),
     "multilevel.pairing": ("half", "adjacent"),
     "multilevel.optimizer_policy": ("fresh", "transfer"),
     "multilevel.lr_schedule": ("authors", "stage", "run"),
@@ -202,6 +206,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -237,6 +248,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(0 <= s.ema_decay < 1, f"sat.ema_decay: must be in [0, 1), got {s.ema_decay}")
     _require(0 <= m.alpha <= 1, f"multilevel.alpha: must be in [0, 1], got {m.alpha}")
     _require(cfg.parallel.pp >= 1, f"parallel.pp: must be >= 1, got {cfg.parallel.pp}")
+    _require(cfg.parallel.tp >= 1, f"parallel.tp: must be >= 1, got {cfg.parallel.tp}")
+    if cfg.model.backend == "megatron":
+        _require(_installed("megatron.core"), "model.backend: megatron needs megatron-core; install it with "
+                                             "pip install -e \".[megatron]\"")
+        _require(cfg.parallel.pp == 1, "parallel.pp: pipeline stages are not supported with model.backend megatron; "
+                                       "use parallel.pp=1 (its tensor parallelism is parallel.tp)")
+        _require(m.optimizer_policy == "fresh", "multilevel.optimizer_policy: model.backend megatron maps weights, not "
+                                                "Adam moments, across levels; use fresh")
+    else:
+        _require(cfg.parallel.tp == 1, "parallel.tp: Megatron tensor parallelism needs model.backend megatron; for HF "
+                                       "models set tensor_parallel.autotp_size in the DeepSpeed config (ds_configs/tp2.json)")
     if m.enabled:
         n_stages = 2 * m.levels - 1
         _require(m.levels >= 2, "multilevel.levels: must be >= 2 when multilevel.enabled (1 is dense training)")
