@@ -183,15 +183,21 @@ def level_map(
     return LevelMap(large_config, small_config, width_factor, depth_factor, groups)
 
 
-def _width_roles(name: str, tensor: Tensor, lmap: LevelMap, large: bool) -> tuple[list[tuple[int, str, bool]], float]:
-    """(dim, axis, is_input) for each width-mapped dimension of `name`, and the factor a tied final norm
-    gains when coalesced (see `coalesce`). Checks sizes, so a sharded tensor fails loudly."""
+def _rule(name: str, lmap: LevelMap) -> tuple[list[tuple[int, str, bool]], float]:
+    """(dim, axis, is_input) for each width-mapped dimension of ``name``, and the factor a tied final
+    norm gains when coalesced (see ``coalesce``)."""
     key = ".".join(name.split(".")[-2:])
     if key not in _WIDTH_RULES:
         raise ValueError(f"no multi-level rule for parameter {name!r}; expected a HF Llama parameter name")
     tied = lmap.large_config.tie_word_embeddings
     rule = _WIDTH_RULES["embed_tokens.weight" if key == "lm_head.weight" and tied else key]
     roles = [(dim, *role) for dim, role in enumerate(rule) if role is not None]
+    return roles, float(lmap.width_factor) if key == "norm.weight" and tied else 1.0
+
+
+def _width_roles(name: str, tensor: Tensor, lmap: LevelMap, large: bool) -> tuple[list[tuple[int, str, bool]], float]:
+    """``_rule`` after checking the sizes, so a sharded tensor fails loudly."""
+    roles, scale = _rule(name, lmap)
     for dim, axis, _ in roles:
         n_small, factor = lmap.groups[axis].shape
         expected = (n_small * factor if large else n_small) * lmap.unit(axis)
@@ -200,7 +206,7 @@ def _width_roles(name: str, tensor: Tensor, lmap: LevelMap, large: bool) -> tupl
                 f"{name}: dim {dim} has size {tensor.shape[dim]}, expected {expected} for the "
                 f"{'large' if large else 'small'} model; pass whole (gathered, unsharded) parameters"
             )
-    return roles, float(lmap.width_factor) if key == "norm.weight" and tied else 1.0
+    return roles, scale
 
 
 def coalesce_param(name: str, tensor: Tensor, lmap: LevelMap) -> Tensor:
@@ -232,6 +238,35 @@ def decoalesce_param(name: str, tensor: Tensor, lmap: LevelMap) -> Tensor:
         if is_input:
             scale /= lmap.width_factor
     return tensor * scale if scale != 1.0 else tensor
+
+
+def gradient_scale(name: str, lmap: LevelMap) -> float:
+    """r with coalesce_grad = r * coalesce_param: f per width-mapped output dimension, 1/f per input
+    dimension, and 1/s^2 for a tied final norm (s = f, the factor ``coalesce`` folds into it).
+
+    Width decoalescing D preserves the function (L'(W') = L(D(W'))), so the small model's gradient is
+    the adjoint of D applied to the large one's, g' = D^T g = S_out g F_in^T / s: outputs summed,
+    inputs averaged, where coalescing the weight averages outputs and sums inputs (W' = s F_out W S_in^T).
+    """
+    roles, s = _rule(name, lmap)
+    f = float(lmap.width_factor)
+    r = 1.0 / (s * s)
+    for _, _, is_input in roles:
+        r *= 1.0 / f if is_input else f
+    return r
+
+
+def coalesce_grad(name: str, tensor: Tensor, lmap: LevelMap) -> Tensor:
+    """A gradient (or Adam's first moment, or the root of its second) of the large model mapped to the
+    small one: g' = r F_out g S_in^T, r from ``gradient_scale``; exact when the large model is a
+    decoalesced small one (paired units equal), whatever the loss."""
+    return coalesce_param(name, tensor, lmap) * gradient_scale(name, lmap)
+
+
+def decoalesce_grad(name: str, tensor: Tensor, lmap: LevelMap) -> Tensor:
+    """The inverse direction: g = T_out g' T_in^T / (f^#in r), the gradient that a decoalesced model
+    has where the small one has g' (each large unit of a pair gets its share)."""
+    return decoalesce_param(name, tensor, lmap) / gradient_scale(name, lmap)
 
 
 def small_layer_sources(lmap: LevelMap) -> list[tuple[int, ...]]:
@@ -321,6 +356,47 @@ def interpolate_state_dict(
             "both must belong to the same large config"
         )
     return {name: (1 - alpha) * large_sd[name] + alpha * decoalesced_sd[name] for name in large_sd}
+
+
+def coalesce_moments(
+    exp_avg: Mapping[str, Tensor],
+    exp_avg_sq: Mapping[str, Tensor],
+    large_config: LlamaConfig,
+    width_factor: int = 2,
+    depth_factor: int = 2,
+    pairing: Pairing = "half",
+) -> tuple[StateDict, StateDict]:
+    """Adam's moments of the large model mapped to the small one, as gradients map (``coalesce_grad``).
+
+    m maps like g (an EMA is linear). For the second moment, sqrt(v) maps like |g| and is squared:
+    v' = (r C(sqrt v))^2 >= 0. When paired units' gradients are equal (a decoalesced model) this is
+    exactly the EMA of g'^2; otherwise it is the smallest bound on E[g'^2] that holds for any correlation
+    between the pair (Minkowski), and it keeps |m'| <= sqrt(v') wherever |m| <= sqrt(v). Depth (no
+    exact gradient relation: depth coalescing does not preserve the function) averages paired layers'
+    m and sqrt(v), keeping a layer's gradient scale.
+    """
+    m, _ = coalesce_state_dict(exp_avg, large_config, width_factor, depth_factor, pairing)
+    rms, _ = coalesce_state_dict({n: v.sqrt() for n, v in exp_avg_sq.items()}, large_config, width_factor,
+                                 depth_factor, pairing)
+    lmap = level_map(large_config, width_factor, depth_factor, pairing)
+    return ({n: t * gradient_scale(n, lmap) for n, t in m.items()},
+            {n: (t * gradient_scale(n, lmap)).square() for n, t in rms.items()})
+
+
+def decoalesce_moments(
+    exp_avg: Mapping[str, Tensor],
+    exp_avg_sq: Mapping[str, Tensor],
+    small_config: LlamaConfig,
+    large_config: LlamaConfig,
+    pairing: Pairing = "half",
+) -> tuple[StateDict, StateDict]:
+    """Adam's moments of the small model mapped to the large one (``decoalesce_grad`` on m and sqrt(v)):
+    the moments a decoalesced model would have built from the gradients the small one saw."""
+    lmap = _decoalesce_map(small_config, large_config, pairing)
+    m = decoalesce_state_dict(exp_avg, small_config, large_config, pairing)
+    rms = decoalesce_state_dict({n: v.sqrt() for n, v in exp_avg_sq.items()}, small_config, large_config, pairing)
+    return ({n: t / gradient_scale(n, lmap) for n, t in m.items()},
+            {n: (t / gradient_scale(n, lmap)).square() for n, t in rms.items()})
 
 
 def _build(config: LlamaConfig, sd: StateDict, like: LlamaForCausalLM) -> LlamaForCausalLM:
