@@ -82,6 +82,25 @@ def link_optimizer_state(zero_optimizer: Any) -> None:
             lazy_init_hp_params_optimizer_state(params, flat, state)
 
 
+def gradient_every_backward(optimizer: Any) -> bool:
+    """Whether a DeepSpeed optimizer (or anything wrapping one) takes each parameter's gradient in a hook
+    at every backward: ZeRO-2 (gradient partitioning), ``overlap_comm``, the fp32 gradient-accumulation
+    attribute, bf16 ``immediate_grad_update``; ZeRO-3 always. Such an engine needs a gradient for every
+    parameter the backward reached (a hook that finds ``grad`` None fails), so SAT's weight slices must
+    hand their gradient over at each micro-batch instead of once per step.
+
+    Private: these flags are attributes of DeepSpeed's optimizer objects, not config getters; the engine's
+    public getters (``zero_optimization_partition_gradients`` ...) need the engine, which a
+    ``transformers.Trainer`` callback does not get.
+    """
+    while optimizer is not None:
+        flags = ("partition_gradients", "overlap_comm", "use_grad_accum_attribute", "immediate_grad_update")
+        if any(getattr(optimizer, flag, False) for flag in flags) or hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+    return False
+
+
 def zero3_optimizer_of(p: torch.nn.Parameter) -> Any:
     """The ZeRO-3 optimizer holding ``p`` (private ``_z3_optimizer``; DeepSpeed sets it on every
     partitioned parameter and exposes it publicly only through the ``safe_*`` helpers)."""
@@ -121,6 +140,6 @@ def skip_shm_op_build() -> None:
     module.build_shm_op = lambda: None
 
 
-__all__ = ["LocalFragment", "autotp_layer", "hp_fragment", "link_optimizer_state", "pipeline_local_specs",
+__all__ = ["LocalFragment", "autotp_layer", "gradient_every_backward", "hp_fragment", "link_optimizer_state", "pipeline_local_specs",
            "skip_shm_op_build",
            "zero3_fragment", "zero3_optimizer_of"]

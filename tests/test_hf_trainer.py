@@ -1,8 +1,8 @@
 """SATCallback in real transformers.Trainer runs: the step computes only the selected units (omitted
 gradients exactly zero, omitted weights and Adam moments bit-identical under AdamW weight decay, kept
 columns trained), the logged rate is LORS's, evaluation runs dense, rate 0 equals a plain Trainer run
-bit for bit, and the same holds under DeepSpeed ZeRO-1 on 2 gloo ranks, where accelerate steps the engine
-inside the last micro-batch's backward and both ranks must select the same units."""
+bit for bit, and the same holds under DeepSpeed ZeRO-1, 2 and 3 on 2 gloo ranks, where accelerate steps the
+engine inside the last micro-batch's backward and both ranks must select the same units."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from ds_accel.sat import LORS, decoder_layers, omitted_slices
 from ranks import run_ranks
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-ZERO1 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-         "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 1},
-         "zero_allow_untested_optimizer": True}
+
+
+def _zero(stage: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True}
 
 
 def _model() -> LlamaForCausalLM:
@@ -46,11 +49,18 @@ def _swapped(model) -> bool:
     return any("forward" in vars(m) for layer in decoder_layers(model).values() for m in (layer.self_attn, layer.mlp))
 
 
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter (gathered under ZeRO-3; collective there)."""
+    from ds_accel.engine.params import full_param
+
+    return full_param(p) if hasattr(p, "ds_id") else p.detach().clone()
+
+
 def _moments(p: torch.Tensor, optimizer, stepped: bool) -> dict[str, torch.Tensor]:
     """Adam moments of ``p``; none before the first optimizer step (ZeRO-1/2 link them at that step)."""
     if not stepped:
         return {}
-    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2: gathered from every rank's fragment (collective)
+    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO-1/2/3: from every rank's part (collective)
         from deepspeed.utils import safe_get_full_optimizer_state
 
         state = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
@@ -72,9 +82,8 @@ class Probe(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         c = self.sat.controller
         self.slices = omitted_slices(model, c.keep_heads, c.keep_channels)
-        self.before = [(s.param.detach().clone(), _moments(s.param, optimizer, state.global_step > 0))
-                       for s in self.slices]
-        self.down = {i: layer.mlp.down_proj.weight.detach().clone() for i, layer in decoder_layers(model).items()}
+        self.before = [(_full(s.param), _moments(s.param, optimizer, state.global_step > 0)) for s in self.slices]
+        self.down = {i: _full(layer.mlp.down_proj.weight) for i, layer in decoder_layers(model).items()}
         self.step = {"rate": c.rate, "heads": {k: v.tolist() for k, v in c.keep_heads.items()},
                      "channels": {k: v.tolist() for k, v in c.keep_channels.items()},
                      "zero_grad": [], "open_between_micro_batches": [],
@@ -93,11 +102,11 @@ class Probe(TrainerCallback):
         frozen = []
         for s, (weight, moments) in zip(self.slices, self.before):
             after = _moments(s.param, optimizer, stepped=True)
-            frozen.append(torch.equal(_omitted(s.param.detach(), s), _omitted(weight, s)))
+            frozen.append(torch.equal(_omitted(_full(s.param), s), _omitted(weight, s)))
             # a moment created by this step: zero gradients give zero moments
             frozen += [torch.equal(_omitted(after[k], s), _omitted(moments.get(k, torch.zeros_like(after[k])), s))
                        for k in after]
-        moved = [(layer.mlp.down_proj.weight.detach() != self.down[i])[:, self.step["channels"].get(i, slice(None))]
+        moved = [(_full(layer.mlp.down_proj.weight) != self.down[i])[:, self.step["channels"].get(i, slice(None))]
                  for i, layer in decoder_layers(model).items()]
         self.step.update(frozen=frozen, kept_columns_moved=all(bool(m.any(0).all()) for m in moved),
                          dense_after_step=not _swapped(model))
@@ -171,7 +180,7 @@ def test_close_after_a_failed_step_restores_the_dense_model(tmp_path):
     assert not _swapped(model) and model.config.use_cache
 
 
-def _deepspeed_run(steps: int) -> dict:
+def _deepspeed_run(steps: int, stage: int) -> dict:
     import tempfile
 
     model = _model()
@@ -179,7 +188,7 @@ def _deepspeed_run(steps: int) -> dict:
     probe = Probe(sat)
     with tempfile.TemporaryDirectory() as out:
         # use_cpu: without it accelerate finds no device backend and sizes the batch for 1 process
-        args = _args(out, steps, gradient_accumulation_steps=2, deepspeed=ZERO1, use_cpu=True)
+        args = _args(out, steps, gradient_accumulation_steps=2, deepspeed=_zero(stage), use_cpu=True)
         trainer = Trainer(model=model, args=args, train_dataset=_data(32, 1), callbacks=[sat, probe])
         trainer.train()
     return {"steps": probe.steps, "engine": type(trainer.model_wrapped).__name__,
@@ -187,9 +196,10 @@ def _deepspeed_run(steps: int) -> dict:
 
 
 @pytest.mark.distributed
-def test_sat_callback_under_deepspeed_zero1():
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sat_callback_under_deepspeed(stage):
     steps = 4
-    ranks = run_ranks(_deepspeed_run, 2, steps)
+    ranks = run_ranks(_deepspeed_run, 2, steps, stage)
     for r in ranks:
         assert r["engine"] == "DeepSpeedEngine"
         _check_steps(r["steps"], steps)

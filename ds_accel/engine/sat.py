@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import SATConfig
-from ..ds_private import LocalFragment, hp_fragment, zero3_fragment
+from ..ds_private import LocalFragment, gradient_every_backward, hp_fragment, zero3_fragment
 from ..flops import LayerWidth
 from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
@@ -137,6 +137,7 @@ class SATController:
         self.lors = LORS(total_steps, cfg.omission_rate, cfg.stage1_fraction, cfg.rungs, cfg.schedule)
         self.rate = 0.0
         self.guard: OmittedStateGuard | None = None
+        self.emit_every = micro_batches  # backward passes per gradient hand-over (see attach)
         self.bookkeeping_s = 0.0
         self.rebind(model)
 
@@ -165,10 +166,13 @@ class SATController:
                             zero.register_external_parameter(owner, p)
 
     def attach(self, optimizer: Any) -> None:
-        """Hook the ``freeze`` policy into the optimizer that will step this model (a new engine's)."""
+        """Hook the ``freeze`` policy into the optimizer that will step this model (a new engine's), and
+        learn whether it needs every parameter's gradient at every backward (then the weight slices hand
+        theirs over per micro-batch; they are still gathered once per step)."""
         if self.guard is not None:
             self.guard.remove()
         self.guard = OmittedStateGuard(inner_optimizer(optimizer)) if self.cfg.optimizer_policy == "freeze" else None
+        self.emit_every = 1 if gradient_every_backward(optimizer) else self.micro_batches
 
     @property
     def _shard(self):
@@ -203,7 +207,7 @@ class SATController:
     def omitting(self):
         """Context for every forward + backward of the step: sliced layers, importance recorded in the same pass."""
         return omit(self.model, self.keep_heads, self.keep_channels, self.tracker, shard=self._shard,
-                    micro_batches=self.micro_batches, keep_slices=not self.zero3, selection=self.selection)
+                    micro_batches=self.emit_every, keep_slices=not self.zero3, selection=self.selection)
 
     def omitted(self) -> list[OmittedSlice]:
         """This step's omitted slices of the parameters this rank holds (local indices under TP)."""

@@ -15,17 +15,18 @@ Usage (any Llama-architecture ``model``; the last LORS rung trains dense)::
 
 The Trainer builds its optimizer once over every parameter, so switching ``requires_grad`` per step
 would change nothing: SAT acts on the computation (the sliced forward of :func:`ds_accel.sat.omit`) and
-on the optimizer step (omitted weights and moments written back), both through ``SATController``, the
-same per-step logic as ds_accel's own trainer. Which Trainer events, and why:
+on the optimizer step (``SATConfig.optimizer_policy``), both through ``SATController``, the same per-step
+logic as ds_accel's own trainer. Which Trainer events, and why:
 
 * ``on_step_begin`` .. ``on_step_end`` enclose every micro-batch of one optimizer step, gradient
-  accumulation included: selection at the start, the ``omit`` context over all forwards and backwards
-  (gradient-checkpointing recomputations too), the importance update at the end;
-* the omitted state is saved at ``on_step_begin`` and written back at ``on_optimizer_step``, not saved
-  at ``on_pre_optimizer_step``: under DeepSpeed, accelerate runs ``engine.step()`` inside the last
-  micro-batch's backward, before that event. Nothing writes weights or moments between the two points
-  but the step itself, so the snapshot is the same with and without DeepSpeed;
-* evaluation, logging and checkpoints run after ``on_step_end``: on the dense model, HF's own forwards.
+  accumulation included: selection at the start, one ``omit`` context over all forwards and backwards
+  (gradient-checkpointing recomputations too; the weight slices are taken once for the step), the
+  importance update at the end;
+* the ``freeze`` policy hooks the step of the torch optimizer at the bottom of the Trainer's (under
+  DeepSpeed, of its ZeRO optimizer), wherever the Trainer calls it: accelerate runs ``engine.step()``
+  inside the last micro-batch's backward, before ``on_pre_optimizer_step``;
+* evaluation, logging and checkpoints run after ``on_step_end``: on the dense model, HF's own forwards
+  (the model builds no KV cache inside the ``omit`` context and gets its ``use_cache`` back after).
 
 The HF model comes from the callbacks' ``model`` argument (the Trainer passes its unwrapped model; a
 DeepSpeed engine or DDP wrapper would be looked through), the optimizer from ``optimizer`` (accelerate's
@@ -33,8 +34,8 @@ wrapper; under DeepSpeed its ``.optimizer`` is the ZeRO optimizer). ``cfg.enable
 the callback is what enables SAT. Not carried over a resume: the importance scores (they restart, and
 the first steps visit every unit again); LORS continues from the resumed global step.
 
-A training step that raises leaves its contexts open (a callback does not see exceptions); the next
-``trainer.train()`` closes them, and :meth:`SATCallback.close` does it at once. ``sat_omission_rate`` is
+A training step that raises leaves its context open (a callback does not see exceptions); the next
+``trainer.train()`` closes it, and :meth:`SATCallback.close` does it at once. ``sat_omission_rate`` is
 added in ``on_log``, so it reaches ``trainer.state.log_history``, the printed logs and the callbacks
 after this one; report_to integrations see it when this callback runs first:
 ``trainer.callback_handler.callbacks.insert(0, sat)`` instead of ``callbacks=[sat]``.
@@ -42,26 +43,13 @@ after this one; report_to integrations see it when this callback runs first:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
-from transformers import PretrainedConfig, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ds_accel.config import SATConfig
 from ds_accel.engine.sat import SATController
-
-
-@contextmanager
-def _without_kv_cache(config: PretrainedConfig) -> Iterator[None]:
-    """With ``TrainingArguments(use_cache=True)`` HF models build a KV cache in training; omitted heads
-    cannot fill one."""
-    previous = config.use_cache
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        config.use_cache = previous
 
 
 class SATCallback(TrainerCallback):
@@ -74,32 +62,31 @@ class SATCallback(TrainerCallback):
     def __init__(self, cfg: SATConfig | None = None) -> None:
         self.cfg = cfg or SATConfig()
         self.controller: SATController | None = None
-        self._computation = ExitStack()  # omit (and no KV cache): on_step_begin .. on_step_end
-        self._optimizer_guard = ExitStack()  # omitted weights and moments: on_step_begin .. on_optimizer_step
+        self._attached = None  # the optimizer the policy hooks are on
+        self._computation = ExitStack()  # the step's omit context: on_step_begin .. on_step_end
+        self._slices = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kwargs: Any) -> None:
         self.close()
-        self.controller = SATController(self.cfg, model, state.max_steps, args.seed)
+        self.controller = SATController(self.cfg, model, state.max_steps, args.seed,
+                                        micro_batches=args.gradient_accumulation_steps)
+        self._attached = None
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       optimizer: Any = None, **kwargs: Any) -> None:
         self.close()
         sat = self.controller
+        if optimizer is not self._attached:  # built after on_train_begin under DeepSpeed
+            sat.attach(optimizer)
+            self._attached = optimizer
         sat.begin_step(state.global_step)
-        if sat.keep_heads:
-            self._computation.enter_context(_without_kv_cache(next(iter(sat.layers.values())).self_attn.config))
-        self._computation.enter_context(sat.omitting())
-        # frozen_omitted reads ``.optimizer``: accelerate's wrapper has it, as a DeepSpeed engine does
-        self._optimizer_guard.enter_context(sat.guard_optimizer(optimizer))
-
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                          **kwargs: Any) -> None:
-        self._optimizer_guard.close()
+        self._slices = self._computation.enter_context(sat.omitting())
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        self.close()
+        self._computation.close()
+        self._slices = None
         self.controller.end_step()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -114,9 +101,13 @@ class SATCallback(TrainerCallback):
         self.close()
 
     def close(self) -> None:
-        """Leave the step's contexts: omitted state written back, HF's own forwards restored."""
-        self._optimizer_guard.close()
+        """Leave an unfinished step's context (HF's own forwards restored, its sliced gradients dropped)."""
+        if self._slices is not None:
+            self._slices.abandon()
+            self._slices = None
         self._computation.close()
+        if self.controller is not None and self.controller.guard is not None:
+            self.controller.guard.disarm()
 
 
 __all__ = ["SATCallback"]

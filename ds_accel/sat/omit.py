@@ -11,9 +11,10 @@ Slicing once per optimizer step: the weights do not change between the micro-bat
 the kept rows / columns of every weight are gathered once (at their first use inside the context) and
 reused by every micro-batch and by activation-checkpoint recomputations. Their gradients accumulate in
 the slice, and the full-size gradient (zeros on the omitted rows / columns) goes to the weight once, in
-the backward of the last micro-batch (``micro_batches``), so DeepSpeed's gradient hooks see one
-gradient per step as in a dense step with local accumulation. Omitted rows and columns get exactly zero
-gradient. ``keep_slices=False`` gathers at every use instead (ZeRO-3: the slices of all layers held over
+the backward of the last micro-batch (``micro_batches``), as in a dense step with local accumulation.
+An engine that takes every parameter's gradient in a hook at each backward (ZeRO-2, ``overlap_comm``)
+gets it at each micro-batch instead (``micro_batches=1``; the slices are still gathered once). Omitted
+rows and columns get exactly zero gradient. ``keep_slices=False`` gathers at every use instead (ZeRO-3: the slices of all layers held over
 a step would be (1 - r) of the whole model on every rank, undoing the partitioning).
 
 Kept units are not rescaled (unlike dropout): the kept network is a structured subnetwork of the full
@@ -207,6 +208,11 @@ class StepSlices:
     def gathers(self) -> int:
         """Weight gathers (index_select of a whole weight) so far; with ``keep``, one per sliced weight."""
         return sum(e.gathers for e in self.entries.values())
+
+    def abandon(self) -> None:
+        """Drop the gradients of an unfinished step (its backward passes will not all come)."""
+        for entry in self.entries.values():
+            entry.grad, entry.backwards = None, 0
 
     def check_complete(self) -> None:
         """Every sliced weight got its gradient: the backward passes came in whole steps."""
