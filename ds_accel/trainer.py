@@ -108,8 +108,9 @@ def _sat_controller(cfg: TrainConfig, engine) -> SATController | NoSAT:
         return NoSAT()
     groups = (engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group()) \
         if _is_pipeline(engine) else (None, None)
-    sat = SATController(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups,
-                        micro_batches=cfg.optim.grad_accum)
+    controller = _megatron().MegatronSATController if cfg.model.backend == "megatron" else SATController
+    sat = controller(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups,
+                     micro_batches=cfg.optim.grad_accum)
     sat.attach(engine.optimizer)
     return sat
 

@@ -78,10 +78,12 @@ def empty_gpt(config: LlamaConfig, bf16: bool = False) -> nn.Module:
     with torch.no_grad():
         for p in gpt.parameters():
             p.zero_()
-    for name in hf_names(config):  # Megatron marks split weights while initialising them, which is skipped here
-        where = placement(name, config, tp_world())
-        if where.dim is not None:  # DeepSpeed's gradient norm counts a split weight on every TP rank
-            set_tensor_model_parallel_attributes(gpt.get_parameter(where.megatron), True, where.dim, 1)
+    # Megatron marks its split weights while initialising them, which is skipped here; DeepSpeed's gradient
+    # norm counts a marked weight on every TP rank and an unmarked one on TP rank 0 only
+    split = {where.megatron: where.dim for where in (placement(name, config, tp_world()) for name in hf_names(config))}
+    for name, dim in split.items():
+        if dim is not None:
+            set_tensor_model_parallel_attributes(gpt.get_parameter(name), True, dim, 1)
     return gpt
 
 
