@@ -18,7 +18,8 @@ from test_megatron_model import _config, _hf
 # selections on 8 query heads (4 KV heads) and 96 channels, two layers; under tp=2 rank 0 holds heads
 # 0-3 (KV 0-1) and channels 0-47. A: layer 0 keeps KV head 0 whole, drops KV head 1, keeps one query
 # head of KV heads 2 and 3; layer 1's kept heads and channels all sit on rank 0 (rank 1 computes none).
-# B: layer 0 dense (recorded by hooks), layer 1 heads sliced, MLPs dense.
+# B: layer 0 dense (recorded by hooks), layer 1 heads sliced, MLPs dense. A again over 2 micro-batches: the
+# gradients accumulate in the step's weight slices and reach the weights at the last backward.
 SELECTIONS = [
     ({0: [0, 1, 4, 6], 1: [0, 2]}, {0: list(range(0, 96, 3)), 1: list(range(5, 30))}),
     ({1: [3, 4, 5, 7]}, {}),
@@ -61,15 +62,17 @@ def _sat_worker():
         lm = MegatronCausalLM(gpt, conf).train()
         params = MegatronParams.of(gpt, conf)
         shard = msat.tensor_shard(gpt.decoder.layers[0])
-        for keep_heads, keep_channels in SELECTIONS:
+        for (keep_heads, keep_channels), micro_batches in [(sel, 1) for sel in SELECTIONS] + [(SELECTIONS[0], 2)]:
             keep_heads, keep_channels = _as_tensors(keep_heads), _as_tensors(keep_channels)
             result = {"tp": tp}
-            for name, model, omit_fn in (("hf", hf, omit), ("megatron", lm, msat.omit)):
+            for name, model, target in (("hf", hf, hf), ("megatron", lm, gpt)):
                 model.zero_grad()
                 tracker = _tracker(conf)
-                with omit_fn(model if name == "hf" else gpt, keep_heads, keep_channels, tracker):
-                    loss = model(input_ids=x, labels=x).loss
-                    loss.backward()
+                # delegates the GPTModel to ds_accel.megatron.sat; micro-batches share the step's weight slices
+                with omit(target, keep_heads, keep_channels, tracker, micro_batches=micro_batches):
+                    for batch in x.split(len(x) // micro_batches):
+                        loss = model(input_ids=batch, labels=batch).loss
+                        loss.backward()
                 tracker.update()
                 if name == "hf":
                     grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
@@ -105,7 +108,7 @@ def test_sat_on_megatron_equals_sat_on_hf_llama_at_tp1_and_tp2():
     from ds_accel.megatron.layout import Shape
 
     for rank_out in run_ranks(_sat_worker, 2):
-        assert len(rank_out) == 2 * len(SELECTIONS)
+        assert len(rank_out) == 2 * (len(SELECTIONS) + 1)
         for case, r in enumerate(rank_out):
             hf, meg = r["hf"], r["megatron"]
             assert meg["loss"] == pytest.approx(hf["loss"], abs=1e-5), (r["tp"], case)

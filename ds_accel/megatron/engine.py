@@ -12,8 +12,6 @@ as AutoTP's, so the data sampler's ``rank // tp`` holds).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,6 @@ from ..flops import LayerWidth
 from ..models import build_model, initial_value, resolve_dtype
 from ..parallel.tensor import TensorParallel
 from ..sat import ImportanceTracker, select
-from ..sat.omit import StepSlices
 from ..sat.optim_guard import OmittedSlice
 from . import sat as msat
 from .model import MegatronCausalLM, empty_gpt, hf_state_from_gpt, load_hf
@@ -130,13 +127,10 @@ class MegatronSATController(SATController):
         self.bookkeeping_s += time.perf_counter() - start
         return rate
 
-    @contextmanager
-    def omitting(self) -> Iterator[StepSlices]:
+    def omitting(self):
         """The step's sliced forward and backward; weight slices taken once per optimizer step."""
-        slices = StepSlices(self.micro_batches)
-        with msat.omit(self.layers, self.keep_heads, self.keep_channels, self.tracker, self._shard, take=slices):
-            yield slices
-        slices.check_complete()
+        return msat.omit(self.layers, self.keep_heads, self.keep_channels, self.tracker, self._shard,
+                         micro_batches=self.micro_batches)
 
     def omitted(self) -> list[OmittedSlice]:
         return msat.omitted_slices(self.layers, self.keep_heads, self.keep_channels, self._shard)

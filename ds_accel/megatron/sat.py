@@ -26,8 +26,9 @@ with ``weight`` the output projection's columns of the recorded units.
 Three pieces, parallel to the HF ones: :func:`omit_layer` (sliced forward + recording of one
 layer), :func:`omitted_slices` (which rows / columns of which Megatron parameter a selection
 omits) and :func:`unit_shape` (query heads, KV heads, head_dim, MLP channels). Weight slices are
-taken through ``take(param, dim, index)`` (default ``index_select``), one call per weight and
-forward, so a step-level cache of slices can be passed in.
+taken through ``take(param, dim, index)``, one call per weight and forward: :func:`omit` passes the
+step's :class:`~ds_accel.sat.omit.StepSlices`, so the slices are gathered once per optimizer step
+as on HF models. ``ds_accel.sat.omit`` delegates a Megatron model to :func:`omit`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor, nn
 
-from ..sat.omit import HeadSelection
+from ..sat.omit import HeadSelection, StepSlices
 from ..sat.optim_guard import OmittedSlice
 from ..structure import KeepDict, TensorShard, head_rows, in_block, unique_indices
 from .layout import Shape, qkv_k_rows, qkv_q_rows, qkv_v_rows
@@ -230,23 +231,27 @@ def omit_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_channels
 @contextmanager
 def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
          tracker: ImportanceTracker | None = None, shard: TensorShard | None = None,
-         take: Take = _index_select) -> Iterator[None]:
-    """``ds_accel.sat.omit`` for a Megatron GPTModel (or its layers): forward and backward inside the context
-    compute only the kept heads and channels; with a ``tracker`` every layer records importance.
-    ``shard``: default :func:`tensor_shard` of the first layer (Megatron TP is read off the model)."""
+         micro_batches: int = 1, keep_slices: bool = True) -> Iterator[StepSlices]:
+    """``ds_accel.sat.omit`` for a Megatron GPTModel (or its layers), which delegates here: forward and
+    backward inside the context compute only the kept heads and channels, with a ``tracker`` every layer
+    records importance, and one context is one optimizer step of ``micro_batches`` passes sharing the
+    weight slices (:class:`~ds_accel.sat.omit.StepSlices`, yielded). ``shard``: default
+    :func:`tensor_shard` of the first layer (Megatron TP is read off the model)."""
     layers = decoder_layers(model_or_layers)
     unknown = (set(keep_heads) | set(keep_channels)) - set(layers)
     if unknown:
         raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
     shard = tensor_shard(next(iter(layers.values()))) if shard is None else shard
+    slices = StepSlices(micro_batches, keep_slices)
     with ExitStack() as stack:
         for index, layer in layers.items():
             record = {} if tracker is None else {"record_heads": partial(tracker.record_heads, index),
                                                  "record_channels": partial(tracker.record_channels, index)}
-            for undo in omit_layer(layer, keep_heads.get(index), keep_channels.get(index), shard, take=take,
+            for undo in omit_layer(layer, keep_heads.get(index), keep_channels.get(index), shard, take=slices,
                                    **record):
                 stack.callback(undo)
-        yield
+        yield slices
+    slices.check_complete()
 
 
 def _complement(kept: Tensor, n: int) -> Tensor:

@@ -36,6 +36,7 @@ the device in one copy, so the forward and backward of a step never wait on the 
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -392,7 +393,16 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
     ``shard``: under tensor parallelism, this rank's block; the dicts still hold global indices (the
     same on every rank) and the tracker records each unit on the rank that holds it. ``selection``:
     the dicts already resolved by :func:`resolve` (an engine resolves once per step and reuses it).
+    A Megatron-core model (or its layers) is delegated to ``ds_accel.megatron.sat.omit`` (same meaning).
     """
+    if "megatron.core" in sys.modules:  # only then can a Megatron model exist
+        from ds_accel.megatron import sat as megatron
+
+        if megatron.is_megatron(model_or_layers):
+            with megatron.omit(model_or_layers, keep_heads, keep_channels, tracker, shard, micro_batches,
+                               keep_slices) as megatron_slices:
+                yield megatron_slices
+            return
     layers = decoder_layers(model_or_layers)
     selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
     slices = StepSlices(micro_batches, keep_slices)
