@@ -22,6 +22,7 @@ from . import checkpoint, runtime
 from .config import TrainConfig
 from .data import BlockSampler, Corpus, load_tokenizer, prepare
 from .config import ConfigError
+from .engine import elastic
 from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr, zero_stage
 from .engine.export import export_hf
 from .engine.sat import NoSAT, SATController
@@ -196,6 +197,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     ds = resolve_ds_config(cfg, world // (pp * cfg.parallel.tp))
     tp = cfg.parallel.tp if cfg.model.backend == "megatron" else tp_size(ds)
     _check_layout(cfg, ds, world, tp)
+    layout = elastic.Layout.of(cfg, ds, world, tp)
+    resumed = elastic.check_resume(ckpt_root, layout) if resume else None  # refuses what can't convert, before work
     corpus = _prepare_data(cfg)
     stages = plan(model_config(cfg.model, corpus.vocab_size), cfg.multilevel, cfg.run.total_steps)
     dp_world, data_rank = world // (pp * tp), rank // tp  # AutoTP groups are consecutive ranks
@@ -205,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     tokens_per_step = sampler.global_batch * cfg.data.seq_len
 
     state, kept = RunState(), {}
-    tag = checkpoint.latest(ckpt_root) if resume else None
+    tag = resumed.tag if resumed is not None else None
     if tag is not None:
         state = RunState(**checkpoint.read_run_state(ckpt_root, tag))
     stage = stages[state.stage]
@@ -214,16 +217,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     dp_rank = engine.grid.get_data_parallel_rank() if _is_pipeline(engine) else data_rank
     sat = _sat_controller(cfg, engine)
     if tag is not None:
-        extra = checkpoint.load(engine, ckpt_root, tag)
-        kept = extra["kept"]
-        sat.load_state_dict(extra["sat"])
+        kept = resumed.load(engine, sat, stage)  # converts a checkpoint of another layout first
     log = MetricsLog(out, state.history, enabled=rank == 0)
     bar = _progress(cfg, state.step) if rank == 0 else None
 
     def save() -> None:
         state.history = log.rows
         extra = {"kept": kept, "sat": sat.state_dict()}
-        checkpoint.save(engine, ckpt_root, state.step, vars(state), extra, cfg.run.keep_checkpoints)
+        checkpoint.save(engine, ckpt_root, state.step, vars(state), extra, cfg.run.keep_checkpoints,
+                        elastic.record(engine, layout))
 
     while True:
         while state.step < stage.end:
