@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
+from .. import runtime
 from . import _cpu
 from .layout import check_tp, hf_names, placement
 from .params import MegatronParams, unwrap_gpt
@@ -75,6 +76,7 @@ def empty_gpt(config: LlamaConfig, bf16: bool = False) -> nn.Module:
                    vocab_size=config.vocab_size, max_sequence_length=config.max_position_embeddings,
                    share_embeddings_and_output_weights=config.tie_word_embeddings,
                    position_embedding_type="rope", rotary_base=_rope_theta(config))
+    gpt.to(runtime.device())  # Megatron leaves some modules (its torch norms) on the CPU, as Megatron-LM moves the model
     with torch.no_grad():
         for p in gpt.parameters():
             p.zero_()
