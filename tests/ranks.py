@@ -1,4 +1,8 @@
-"""Run a function on N real gloo ranks (torch.multiprocessing.spawn), DeepSpeed's tests' way."""
+"""Run a function on N real gloo ranks (torch.multiprocessing.spawn), DeepSpeed's tests' way.
+
+Every rank runs under ``collective_check.CollectiveCheck``: a collective that would get a host tensor
+(or a dtype NCCL lacks) on a CUDA machine fails the run, with every violation and its call site.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 import pickle
 import socket
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -23,12 +28,16 @@ def _worker(rank: int, world: int, port: int, out: str, fn, args) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from collective_check import CollectiveCheck, enabled
     from ds_accel import runtime
 
-    runtime.init_distributed()
-    result = fn(*args)
-    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    with CollectiveCheck() if enabled() else nullcontext() as check:  # before init: DeepSpeed binds collectives
+        runtime.init_distributed()
+        result = fn(*args)
     runtime.shutdown()
+    if check is not None and check.violations:
+        raise AssertionError(f"rank {rank}: collectives that NCCL would refuse:\n{check.report()}")
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     os._exit(0)  # gloo can abort in interpreter teardown
 
 
