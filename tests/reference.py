@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+ULP32 = 2.0 ** -23  # float32's relative spacing at 1: a value rounded to float32 is off by up to half of it
 
 
 @contextmanager
@@ -185,14 +186,15 @@ class HandSAT:
     ``kv_group`` granularity ranks whole GQA groups by their heads' summed scores.
     """
 
-    def __init__(self, conf: LlamaConfig, sat, total_steps: int, shards: int = 1):
+    def __init__(self, conf: LlamaConfig, sat, total_steps: int, shards: int = 1, dtype: torch.dtype = torch.float64):
+        """``dtype``: of the statistics and scores (the reference model's, so a float32 twin rounds as float32)."""
         self.conf, self.sat, self.total, self.shards = conf, sat, total_steps, shards
         L = conf.num_hidden_layers
         self.n = {"heads": conf.num_attention_heads, "channels": conf.intermediate_size}
-        self.score = {k: torch.zeros(L, n, dtype=torch.float64) for k, n in self.n.items()}
+        self.score = {k: torch.zeros(L, n, dtype=dtype) for k, n in self.n.items()}
         self.seen = {k: torch.zeros(L, n, dtype=torch.bool) for k, n in self.n.items()}
-        self._sum = {k: torch.zeros(L, n, dtype=torch.float64) for k, n in self.n.items()}
-        self._count = {k: torch.zeros(L, n) for k, n in self.n.items()}
+        self._sum = {k: torch.zeros(L, n, dtype=dtype) for k, n in self.n.items()}
+        self._count = {k: torch.zeros(L, n, dtype=dtype) for k, n in self.n.items()}
 
     def rate(self, step: int) -> float:
         s = self.sat
@@ -239,7 +241,7 @@ class HandSAT:
                 units = list(range(self.n[kind])) if kept is None else list(kept)
 
                 def record(m, args, kind=kind, index=index, units=units):
-                    x = args[0].detach().double()
+                    x = args[0].detach()
                     if kind == "heads":
                         stat = x.unflatten(-1, (-1, hd)).norm(dim=-1).flatten(0, -2).mean(0)
                     else:
@@ -263,15 +265,16 @@ class HandSAT:
 
 
 def sat_reference(conf: LlamaConfig, seed: int, sat, optim, steps: list[list[torch.Tensor]], lrs: list[float],
-                  dtype: torch.dtype = torch.float64, shards: int = 1, selections: list | None = None):
-    """SAT + LORS driven by hand over ``steps`` (each a list of global micro-batches) at ``lrs``.
-
-    ``selections``: impose these (keep_heads, keep_channels) instead of the hand-made ones (to run a
-    float32 twin on exactly the float64 run's units). Returns (losses, rates, selections, Reference, HandSAT).
-    """
+                  dtype: torch.dtype = torch.float64, shards: int = 1, selections: list | None = None,
+                  checkpoints: tuple[int, ...] = ()):
+    """SAT + LORS driven by hand over ``steps`` (each a list of global micro-batches) at ``lrs``, with
+    ``sat.optimizer_policy``. ``selections``: impose these (keep_heads, keep_channels) instead of the hand-made
+    ones (to run a float32 twin on exactly the float64 run's units). Returns (losses, rates, selections,
+    {step: Reference.state()}, {step: importance scores}) with the states and scores after the steps
+    counted by ``checkpoints``."""
     ref = Reference(seeded_model(conf, seed, dtype), optim, dtype)
-    hand = HandSAT(conf, sat, len(steps), shards)
-    losses, rates, chosen = [], [], []
+    hand = HandSAT(conf, sat, len(steps), shards, dtype)
+    losses, rates, chosen, states, scores = [], [], [], {}, {}
     for t, (micro_batches, lr) in enumerate(zip(steps, lrs)):
         rate = hand.rate(t)
         keep = hand.select(rate) if selections is None else selections[t]
@@ -282,7 +285,10 @@ def sat_reference(conf: LlamaConfig, seed: int, sat, optim, steps: list[list[tor
         hand.update()
         rates.append(rate)
         chosen.append(keep)
-    return losses, rates, chosen, ref, hand
+        if t + 1 in checkpoints:
+            states[t + 1] = ref.state()
+            scores[t + 1] = {kind: score.clone() for kind, score in hand.score.items()}
+    return losses, rates, chosen, states, scores
 
 
 def deviation(got: dict[str, list], want: dict[str, list], lr: float) -> dict[str, float]:

@@ -21,7 +21,9 @@ weight error over the 12 steps, 3e-5 to 6e-4 lr RMS). The trainer must stay with
 reference, every quantity, every checkpoint: both are float32 computations of one algorithm (measured:
 the trainer sits at 0.97-1.03 e32, and 0.05 e32 from the float32 reference). A wrong LR on one step, a
 missed micro-batch, a transposed operator or a stale optimizer state moves every weight by a good
-fraction of lr, hundreds of times the 2 e32 RMS bound.
+fraction of lr, hundreds of times the 2 e32 RMS bound. The losses, single float32 numbers that two float32
+computations of one value can round a few units in the last place apart whatever e32 is, are held to
+2 e32 + 4 ulp (2^-23 relative each).
 """
 
 import json
@@ -30,7 +32,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from reference import Reference, checkpoint_state, deviation, one_thread, seeded_model, warmup_cosine
+from reference import ULP32, Reference, checkpoint_state, deviation, one_thread, seeded_model, warmup_cosine
 
 TOTAL, MICRO, ACCUM, LR, SEED = 12, 2, 2, 3e-3, 0
 ML = {"enabled": True, "levels": 2, "width_factor": 2, "depth_factor": 2, "pairing": "half",
@@ -97,7 +99,7 @@ def test_vcycle_trainer_equals_the_algorithm_by_hand(tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     loss_f32 = max(abs(a - b) / b for a, b in zip(f32_losses, ref_losses))
     loss_err = max(abs(a - b) / b for a, b in zip(losses, ref_losses))
-    assert loss_err <= 2 * loss_f32, (loss_err, loss_f32)
+    assert loss_err <= 2 * loss_f32 + 4 * ULP32, (loss_err, loss_f32)
 
     for step in CHECKPOINTS:
         got = checkpoint_state(out / "checkpoints" / f"step{step:06d}" / "mp_rank_00_model_states.pt")
