@@ -139,7 +139,7 @@ def _moments_through_transitions(stages):
     def train(engine, steps, first):
         set_lr(engine, 3e-3)
         for k in range(first, first + steps):
-            x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(k))
+            x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(k)).to(runtime.device())
             engine.backward(engine(input_ids=x, labels=x).loss)
             engine.step()
 

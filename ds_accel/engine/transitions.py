@@ -77,6 +77,10 @@ def full_moment(p: torch.nn.Parameter, key: str, optimizer: Any) -> torch.Tensor
     """The whole Adam moment ``key`` of ``p`` in fp32 on every rank (collective under ZeRO and TP)."""
     inner = inner_optimizer(optimizer)
     local = inner.state[p][key] if p in inner.state else safe_get_full_optimizer_state(p, key)
+    if local is None:
+        raise RuntimeError(f"optimizer_policy transfer: {type(optimizer).__name__} keeps {key} of a parameter where "
+                           "neither torch's state nor DeepSpeed's safe_get_full_optimizer_state reaches it (ZeRO-0 "
+                           "with bf16 wraps AdamW in FP16_UnfusedOptimizer); use ZeRO-1, 2 or 3 with bf16")
     local = local.detach().float().clone()
     split = tp_split(p)
     return local if split is None else gather_tp(split, local)
