@@ -27,6 +27,13 @@ Memory of the busiest rank (the pipeline stage with the largest total), per V-cy
   (Q, K, V, attention output, scores) scale with the kept share of heads, ceil((1 - r) H) / H,
   and the MLP intermediate with the kept share of channels; the 10 s b h of layer inputs stays.
   Parameters, gradients and optimizer state stay full size (omitted rows are merely not updated).
+* SAT's own memory (``sat_extra``), with M the projection-matrix parameters of the stage's layers on
+  this tp rank and k = the kept share of them: the kept weight slices, k M parameters in the model's
+  dtype, which autograd keeps for the backward (the slices are copies, the dense step's are the weights
+  themselves); under ZeRO 0-1 with gradient accumulation the slices' accumulated gradients, k M more in
+  the gradient's dtype; and with ``sat.optimizer_policy: freeze`` the snapshot of the omitted elements
+  of this rank's optimizer partition, (1 - k) M / dp elements of the master weight and both moments
+  (12 bytes each; fp32 training: the weight itself and both moments), ``adam`` none.
 * a level transition gathers one full decoder layer of the larger level in fp32 and writes its
   coalesced result at the smaller level, per rank (an upper bound: the engine gathers one parameter
   at a time).
@@ -89,6 +96,20 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class SATExtra:
+    """Bytes SAT adds on the busiest rank (module docstring): kept weight slices, their accumulated
+    gradients, the ``freeze`` policy's snapshot of omitted optimizer state."""
+
+    slices: float
+    slice_grads: float
+    frozen: float
+
+    @property
+    def total(self) -> float:
+        return self.slices + self.slice_grads + self.frozen
+
+
+@dataclass(frozen=True)
 class LevelMemory:
     """Bytes held by the busiest rank while training one level."""
 
@@ -101,6 +122,7 @@ class LevelMemory:
     optimizer: float
     activations: float
     sat_activations: float | None  # at the configured omission rate; None when SAT is off
+    sat_extra: SATExtra | None = None  # SAT's own memory at the configured rate; None when SAT is off
 
     @property
     def total(self) -> float:
@@ -173,6 +195,24 @@ def kept_width(conf: LlamaConfig, rate: float, sat: SATConfig) -> LayerWidth:
     return LayerWidth(q, kv, num_kept(m, rate) if sat.channels else m)
 
 
+def projection_params(conf: LlamaConfig, width: LayerWidth, tp: int = 1) -> int:
+    """Parameters of one layer's q/k/v/o and gate/up/down on one tp rank at the given kept widths."""
+    h, hd = conf.hidden_size, head_dim(conf)
+    return (h * hd * (2 * width.q_heads + 2 * width.kv_heads) + 3 * h * width.channels) // tp
+
+
+def sat_extra(conf: LlamaConfig, layers: int, layout: Layout, work: Workload, sat: SATConfig) -> SATExtra:
+    """SAT's own bytes on a rank holding ``layers`` decoder layers (module docstring)."""
+    p_bytes, g_bytes, _ = STATE_BYTES[work.dtype]
+    full = projection_params(conf, LayerWidth(conf.num_attention_heads, conf.num_key_value_heads,
+                                              conf.intermediate_size), layout.tp)
+    kept = projection_params(conf, kept_width(conf, sat.omission_rate, sat), layout.tp)
+    deferred = layout.zero <= 1 and work.grad_accum > 1
+    omitted_local = (full - kept) / (layout.dp if layout.zero >= 1 else 1)
+    return SATExtra(slices=layers * kept * p_bytes, slice_grads=layers * kept * g_bytes if deferred else 0.0,
+                    frozen=layers * omitted_local * 12 if sat.optimizer_policy == "freeze" else 0.0)
+
+
 def layer_activations(conf: LlamaConfig, work: Workload, tp: int, width: LayerWidth | None = None) -> float:
     """Activation bytes one micro-batch leaves in one decoder layer on one tp rank (module docstring)."""
     s, b, h, a = work.seq_len, work.micro_batch, conf.hidden_size, conf.num_attention_heads
@@ -200,6 +240,7 @@ def level_memory(level: int, conf: LlamaConfig, layout: Layout, work: Workload,
             optimizer=n_params * o_bytes / (dp if zero >= 1 else 1),
             activations=in_flight * layer_activations(conf, work, layout.tp),
             sat_activations=None if sat_width is None else in_flight * layer_activations(conf, work, layout.tp, sat_width),
+            sat_extra=None if sat is None else sat_extra(conf, layers, layout, work, sat),
         ))
     return max(stages, key=lambda m: m.total)
 
@@ -304,6 +345,11 @@ def format_plan(plan: Plan) -> str:
         sat = _gib(m.sat_activations) if m.sat_activations is not None else "-"
         lines.append(f"{'level ' + str(m.level):<9}{shape:<26}{m.stage:>6}{m.layers:>7}{_gib(m.params):>9}"
                      f"{_gib(m.grads):>8}{_gib(m.optimizer):>8}{_gib(m.activations):>8}{sat:>12}{_gib(m.total):>9}")
+    if plan.sat is not None:
+        lines += ["", f"SAT's own memory per rank (GiB; optimizer_policy {plan.sat.optimizer_policy}): kept weight "
+                      "slices + their accumulated gradients + frozen-state snapshot"]
+        lines += [f"  level {m.level}: {_gib(m.sat_extra.slices)} + {_gib(m.sat_extra.slice_grads)} + "
+                  f"{_gib(m.sat_extra.frozen)} = {_gib(m.sat_extra.total)}" for m in plan.levels]
     lines.append("")
     if plan.multilevel is None:
         lines.append("V-cycle: off (multilevel.enabled is false)")

@@ -1,11 +1,17 @@
-"""SAT training-step micro-benchmark: dense vs sliced steps at several omission rates.
+"""SAT training-step micro-benchmark: dense vs sliced steps at several omission rates, per optimizer policy.
 
-A step is forward + backward + AdamW (with the omitted-rows guard for SAT), timed as the median of
-interleaved repetitions (dense and each rate take turns, so drift in machine load hits all alike).
-Beside each measured speedup stands the FLOPs limit of the very selection used: dense FLOPs over
-the FLOPs the kept heads and channels compute (the spec's total / (total - r * layer FLOPs), with
-ceil rounding of the kept counts). Two shapes: a whole small model, where the LM head dilutes the
-saving, and one Llama-2-7B decoder layer, the paper's setting without that dilution.
+A step is forward + backward + AdamW, on the device the run has (CPU here; CUDA with a synchronize
+before every clock read), timed as the median of interleaved repetitions: dense and every (policy,
+rate) take turns, so drift in machine load hits all alike. Each SAT step does what the trainer does per
+step: resolve the selection, one ``omit`` context (weight slices gathered once), the optimizer step with
+the policy's guard (``freeze``) or none (``adam``). Beside each measured speedup stands the FLOPs limit
+of the very selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
+
+Shapes: the ``small`` preset as a whole model (its LM head dilutes the saving), and one Llama-2-7B
+decoder layer (the paper's setting without that dilution) at 1,024, 2,048 and (on a GPU) 4,096 tokens
+per sequence, where the GEMMs dominate a step as they do on a GPU. In bf16 the parameters themselves are
+bf16 (no fp32 master copy): the GEMMs are what SAT changes, and the optimizer's share is then a lower
+bound of a mixed-precision run's.
 """
 
 from __future__ import annotations
@@ -21,8 +27,12 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from .flops import LayerWidth, train_flops
 from .models import llama_config
-from .sat import ImportanceTracker, guard_omitted, omit, omitted_slices, select
-from .sat.omit import HeadSelection
+from .sat import ImportanceTracker, omit, select
+from .sat.omit import resolve
+from .sat.optim_guard import OmittedStateGuard, omitted_slices, whole_parameter_fragments
+
+POLICIES = ("freeze", "adam")
+RATES = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -34,14 +44,20 @@ class Shape:
     whole_model: bool  # False: one decoder layer, no embedding or LM head
 
 
-def shapes(quick: bool) -> list[Shape]:
+def catalogue() -> dict[str, Shape]:
     small = llama_config("small", 2000)
     layer7b = llama_config("llama2-7b", 32000)
     layer7b.num_hidden_layers, layer7b.vocab_size = 1, 0
-    result = [Shape("small preset (whole model)", small, 8, 128, True)]
-    if not quick:
-        result.append(Shape("Llama-2-7B decoder layer", layer7b, 2, 128, False))
-    return result
+    shapes = [Shape("small", small, 8, 128, True)]
+    shapes += [Shape(f"llama2-7b-layer-{n}", layer7b, 1, n, False) for n in (1024, 2048, 4096)]
+    return {s.name: s for s in shapes}
+
+
+def default_shapes(device: torch.device, quick: bool) -> list[str]:
+    if quick:
+        return ["small"]
+    layers = [2048, 4096] if device.type == "cuda" else [1024, 2048]
+    return ["small"] + [f"llama2-7b-layer-{n}" for n in layers]
 
 
 class _LayerModel(torch.nn.Module):
@@ -53,13 +69,13 @@ class _LayerModel(torch.nn.Module):
         self.rotary = LlamaRotaryEmbedding(conf)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(hidden.shape[1]).unsqueeze(0)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         out = self.layers[0](hidden, position_embeddings=self.rotary(hidden, positions), attention_mask=None)
         out = out[0] if isinstance(out, tuple) else out
         return out.float().pow(2).mean()
 
 
-def _build(shape: Shape) -> tuple[torch.nn.Module, torch.Tensor]:
+def _build(shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     conf = copy.deepcopy(shape.config)
     conf._attn_implementation = "sdpa"
@@ -68,86 +84,115 @@ def _build(shape: Shape) -> tuple[torch.nn.Module, torch.Tensor]:
         data = torch.randint(0, conf.vocab_size, (shape.batch, shape.seq_len))
     else:
         model = _LayerModel(conf)
-        data = torch.randn(shape.batch, shape.seq_len, conf.hidden_size)
-    return model, data
+        data = torch.randn(shape.batch, shape.seq_len, conf.hidden_size).to(dtype)
+    return model.to(device=device, dtype=dtype), data.to(device)
 
 
 def _selection(model: torch.nn.Module, rate: float, granularity: str):
     """Random kept units (the benchmark times the computation, not the scoring)."""
     if rate == 0:
         return {}, {}
-    tracker = ImportanceTracker.for_model(model, metric="random", seed=1)
+    tracker = ImportanceTracker.for_model(model, metric="random", seed=1, device="cpu")
     return select(tracker, rate, granularity)
 
 
 def _widths(model, conf: LlamaConfig, keep_heads, keep_channels) -> list[LayerWidth]:
     layers = model.model.layers if hasattr(model, "model") else model.layers
+    groups = conf.num_attention_heads // conf.num_key_value_heads
     widths = []
-    for i, layer in enumerate(layers):
+    for i in range(len(layers)):
         q, kv, m = conf.num_attention_heads, conf.num_key_value_heads, conf.intermediate_size
         if i in keep_heads:
-            sel = HeadSelection.of(layer.self_attn, keep_heads[i])
-            q, kv = len(sel.q_heads), len(sel.kv_heads)
+            q, kv = len(keep_heads[i]), len(torch.unique(keep_heads[i] // groups))
         if i in keep_channels:
             m = len(keep_channels[i])
         widths.append(LayerWidth(q, kv, m))
     return widths
 
 
-def bench_shape(shape: Shape, rates: list[float], reps: int, granularity: str = "kv_group") -> dict[str, dict]:
-    """{rate: {dense_ms, sat_ms, measured_speedup, flops_limit_speedup}} for one shape."""
-    model, data = _build(shape)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.device, dtype: torch.dtype,
+                policies: tuple[str, ...] = POLICIES, granularity: str = "kv_group") -> dict[str, dict]:
+    """{policy: {rate: {dense_ms, sat_ms, measured_speedup, flops_limit_speedup}}} for one shape."""
+    model, data = _build(shape, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    guard = OmittedStateGuard(optimizer)
     selections = {r: _selection(model, r, granularity) for r in [0.0, *rates]}
 
-    def step(rate: float) -> float:
-        keep_heads, keep_channels = selections[rate]
+    def step(rate: float, policy: str) -> float:
+        _synchronize(device)
         start = time.perf_counter()
-        with omit(model, keep_heads, keep_channels):
-            if shape.whole_model:
-                loss = model(input_ids=data, labels=data, use_cache=False).loss
-            else:
-                loss = model(data)
+        keep_heads, keep_channels = selections[rate]
+        selection = resolve(model, keep_heads, keep_channels)
+        with omit(model, keep_heads, keep_channels, selection=selection):
+            loss = model(input_ids=data, labels=data, use_cache=False).loss if shape.whole_model else model(data)
             loss.backward()
-        with guard_omitted(optimizer, omitted_slices(model, keep_heads, keep_channels)):
-            optimizer.step()
+        if policy == "freeze" and rate > 0:
+            slices = omitted_slices(model, keep_heads, keep_channels, selection=selection)
+            guard.arm(lambda: whole_parameter_fragments(optimizer, slices))
+        optimizer.step()
+        guard.disarm()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         return time.perf_counter() - start
 
-    times: dict[float, list[float]] = {r: [] for r in selections}
-    for r in selections:  # warm-up: allocator, optimizer state
-        step(r)
+    kinds = [(0.0, "dense")] + [(r, p) for p in policies for r in rates]
+    times: dict[tuple[float, str], list[float]] = {k: [] for k in kinds}
+    for k in kinds:  # warm-up: allocator, optimizer state
+        step(*k)
     for _ in range(reps):
-        for r in selections:
-            times[r].append(step(r))
-    dense = statistics.median(times[0.0])
+        for k in kinds:
+            times[k].append(step(*k))
+    guard.remove()
+    dense = statistics.median(times[(0.0, "dense")])
     conf, tokens = shape.config, shape.batch * shape.seq_len
     dense_flops = train_flops(conf, tokens, shape.seq_len)
-    result = {}
-    for r in rates:
-        sat = statistics.median(times[r])
-        sat_flops = train_flops(conf, tokens, shape.seq_len, _widths(model, conf, *selections[r]))
-        result[str(r)] = {"dense_ms": dense * 1e3, "sat_ms": sat * 1e3, "measured_speedup": dense / sat,
-                          "flops_limit_speedup": dense_flops / sat_flops}
+    result: dict[str, dict] = {}
+    for policy in policies:
+        result[policy] = {}
+        for r in rates:
+            sat = statistics.median(times[(r, policy)])
+            sat_flops = train_flops(conf, tokens, shape.seq_len, _widths(model, conf, *selections[r]))
+            result[policy][str(r)] = {"dense_ms": dense * 1e3, "sat_ms": sat * 1e3, "measured_speedup": dense / sat,
+                                      "flops_limit_speedup": dense_flops / sat_flops}
+    del model, optimizer
     return result
 
 
-def run(quick: bool = False, rates: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict:
-    """All shapes; the first (the small preset) is the headline ``rates`` entry of sat_step.json."""
-    per_shape = {}
-    for shape in shapes(quick):
-        reps = 3 if not shape.whole_model else (5 if quick else 9)
-        per_shape[shape.name] = bench_shape(shape, list(rates), reps)
-    first = next(iter(per_shape.values()))
-    return {"rates": {r: {k: v[k] for k in ("measured_speedup", "flops_limit_speedup")} for r, v in first.items()},
-            "shapes": per_shape, "threads": torch.get_num_threads()}
+def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32, shapes: list[str] | None = None,
+        quick: bool = False, rates: tuple[float, ...] = RATES, policy: str = "freeze") -> dict:
+    """Every shape x policy as ``shapes[f"{shape} {policy}"]``; the top-level ``rates`` are the small preset's
+    under ``policy`` (the run's default)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    known = catalogue()
+    names = shapes or default_shapes(device, quick)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"step_bench: unknown shape {unknown[0]!r}; known: {', '.join(known)}")
+    per_shape: dict[str, dict] = {}
+    for name in names:
+        shape = known[name]
+        reps = (5 if quick else 9) if shape.whole_model else 3
+        for pol, by_rate in bench_shape(shape, list(rates), reps, device, dtype).items():
+            per_shape[f"{name} {pol}"] = {"seq_len": shape.seq_len, "tokens": shape.batch * shape.seq_len,
+                                          "policy": pol, "rates": by_rate}
+    headline = per_shape.get(f"small {policy}") or next(iter(per_shape.values()))
+    return {"rates": {r: {k: v[k] for k in ("measured_speedup", "flops_limit_speedup")}
+                      for r, v in headline["rates"].items()},
+            "shapes": per_shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads()}
 
 
 def table(result: dict) -> str:
-    lines = ["| shape | omission rate | dense step (ms) | SAT step (ms) | measured speedup | FLOPs-limit speedup "
-             "| share of limit |", "|---|---|---|---|---|---|---|"]
-    for name, rates in result["shapes"].items():
-        for r, v in rates.items():
-            lines.append(f"| {name} | {r} | {v['dense_ms']:.1f} | {v['sat_ms']:.1f} | {v['measured_speedup']:.2f}x "
+    lines = ["| shape | tokens | policy | omission rate | dense step (ms) | SAT step (ms) | measured speedup "
+             "| FLOPs-limit speedup | share of limit |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in result["shapes"].items():
+        for r, v in entry["rates"].items():
+            lines.append(f"| {name.rsplit(' ', 1)[0]} | {entry.get('tokens', '')} | {entry['policy']} | {r} "
+                         f"| {v['dense_ms']:.1f} | {v['sat_ms']:.1f} | {v['measured_speedup']:.2f}x "
                          f"| {v['flops_limit_speedup']:.2f}x | {v['measured_speedup'] / v['flops_limit_speedup']:.0%} |")
     return "\n".join(lines)

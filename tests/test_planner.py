@@ -131,3 +131,19 @@ def test_cli_without_config_is_dense(capsys):
         _cli(["--model", "llama3"], capsys)
     with pytest.raises(ConfigError, match="--model: required"):
         _cli([], capsys)
+
+
+@pytest.mark.parametrize("policy,zero,accum", [("freeze", 1, 8), ("adam", 1, 8), ("freeze", 2, 8), ("freeze", 0, 1)])
+def test_sat_extra_memory_by_hand(policy, zero, accum):
+    """Llama-2-7B, 8 GPUs, bf16, r=0.5, granularity head: half the heads (16 of 32, no GQA) and 5504 of 11008
+    channels kept, so exactly half of every layer's projection matrices (4 H^2 + 3 H M) are kept."""
+    cfg = TrainConfig(sat=SATConfig(enabled=True, omission_rate=0.5, optimizer_policy=policy))
+    plan = make_plan("llama2-7b", cfg, llama_config("llama2-7b", 0), Layout(1, 8, zero=zero),
+                     Workload(grad_accum=accum))
+    extra = plan.levels[0].sat_extra
+    kept = L * (4 * H * H + 3 * H * M) // 2  # parameters in the kept slices, whole model
+    assert extra.slices == 2 * kept  # bf16 copies of the kept rows/columns
+    assert extra.slice_grads == (2 * kept if zero <= 1 and accum > 1 else 0)  # bf16 gradients, held over the step
+    omitted_local = kept / (8 if zero >= 1 else 1)  # the other half, this rank's 1/8 of the optimizer partition
+    assert extra.frozen == pytest.approx(12 * omitted_local if policy == "freeze" else 0, rel=1e-12)
+    assert extra.slices == pytest.approx(6.03 * 2**30, rel=1e-3)  # 3.24e9 parameters x 2 bytes
