@@ -157,6 +157,11 @@ def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
             validate_layout(conf, pp, zero_stage(ds), where)
     if tp > 1:
         validate_tp(shape, tp, levels)
+        if zero_stage(ds) == 3:
+            raise ConfigError(f"deepspeed.config: ZeRO-3 together with tensor parallelism (autotp_size {tp}) is not "
+                              "supported: a ZeRO-3 partition of an AutoTP block has no full-parameter view for level "
+                              "transitions, export and SAT's frozen rows; use ZeRO stage 1 (ds_configs/tp2.json) "
+                              "with tensor parallelism, or ZeRO-3 without it")
     if world % (pp * tp):
         raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages x {tp} tensor-"
                           f"parallel ranks (tensor_parallel.autotp_size in {cfg.deepspeed.config}); use sizes "

@@ -83,3 +83,20 @@ def test_lr_schedule_restarts_per_stage_or_runs_once(tiny_cfg):
     once = replace(cfg, multilevel=replace(cfg.multilevel, lr_schedule="run"))
     assert lr_at(once, 4, stage_of(4)) == pytest.approx(4e-3 * (0.1 + 0.45 * (1 + cos(pi * 2 / 14))))
     assert lr_at(once, 10, stage_of(10)) == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + cos(pi * 8 / 14))))
+
+
+def test_zero3_with_tensor_parallelism_is_refused_before_any_work(tmp_path):
+    import json as _json
+
+    from conftest import REPO, tiny_overrides
+    from ds_accel.config import ConfigError, from_dict
+
+    ds = _json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["tensor_parallel"] = {"autotp_size": 2}
+    path = tmp_path / "zero3_tp2.json"
+    path.write_text(_json.dumps(ds))
+    cfg = from_dict(tiny_overrides(tmp_path / "run", deepspeed={"config": str(path)}))
+    with pytest.raises(ConfigError, match=r"^deepspeed\.config: ZeRO-3 together with tensor parallelism "
+                                          r"\(autotp_size 2\) is not supported.*ds_configs/tp2\.json"):
+        train(cfg)
+    assert not (tmp_path / "run").exists(), "the layout error came after work had started"
