@@ -39,13 +39,12 @@ def _hf(conf, seed=0):
     return model
 
 
-def _shims_worker():
+def _still_needed() -> dict:
+    """Each CUDA assumption still raises on this machine without its shim (before init_parallel installs them)."""
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mp_random
 
-    from ds_accel.megatron import _cpu
-
-    needed = {}  # each CUDA assumption still raises here without its shim
+    needed = {}
     for name, call in (("torch.cuda.current_device", torch.cuda.current_device),
                        ("causal mask", lambda: fused_softmax.get_default_causal_mask(4)),
                        ("model-parallel RNG tracker", lambda: mp_random.CudaRNGStatesTracker().add("x", 1))):
@@ -54,44 +53,20 @@ def _shims_worker():
             needed[name] = False
         except (AssertionError, RuntimeError):
             needed[name] = True
-    from ds_accel.megatron import MegatronCausalLM, gpt_from_hf, init_parallel
-
-    init_parallel(1)
-    conf = _config()
-    lm = MegatronCausalLM(gpt_from_hf(_hf(conf)), conf)
-    x = torch.randint(0, conf.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    loss = lm(input_ids=x, labels=x).loss
-    loss.backward()  # RoPE, attention's memory buffer, the causal mask and the dropout fork on the training path
-    grads = all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
-    return {"needed": needed, "installed": _cpu.install(), "loss": loss.item(), "grads": grads,
-            "mask": bool(torch.equal(fused_softmax.get_default_causal_mask(3),
-                                     torch.tensor([[0, 1, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)))}
-
-
-@pytest.mark.distributed
-def test_cpu_shims_apply_only_without_cuda_and_are_still_needed():
-    """Fails loudly when megatron-core changes what a shim patches (install() raises, or the training
-    step breaks) or no longer needs it (the original stops raising: drop that shim)."""
-    from ds_accel.megatron import _cpu
-
-    if torch.cuda.is_available():
-        assert _cpu.install() == []
-        return
-    out = run_ranks(_shims_worker, 1)[0]
-    assert out["needed"] == dict.fromkeys(_cpu.SHIMS, True)
-    assert out["installed"] == list(_cpu.SHIMS)
-    assert 0 < out["loss"] < 10 and out["grads"] and out["mask"]
+    return needed
 
 
 def _equivalence_worker():
-    from ds_accel.megatron import MegatronCausalLM, gpt_from_hf, hf_state_from_gpt, init_parallel
+    from ds_accel.megatron import MegatronCausalLM, _cpu, gpt_from_hf, hf_state_from_gpt, init_parallel
     from megatron.core import parallel_state
+    from megatron.core.fusions import fused_softmax
 
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    out = {}
+    out = {"needed": _still_needed()}
     for tp in (1, 2):  # 2 ranks: tp=1 x dp=2, then tp=2
         parallel_state.destroy_model_parallel()
         init_parallel(tp)
+        out["installed"] = _cpu.install()
         for tied in (False, True):
             conf = _config(tie_word_embeddings=tied)
             hf = _hf(conf, seed=int(tied))
@@ -111,12 +86,29 @@ def _equivalence_worker():
                 "split": {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None))
                           for n, p in gpt.named_parameters()},
             }
+    conf = _config()
+    lm = MegatronCausalLM(gpt_from_hf(_hf(conf)), conf)
+    lm(input_ids=x, labels=x).loss.backward()  # RoPE, attention's buffer, the mask and the dropout fork, backward too
+    out["grads"] = all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
+    out["mask"] = bool(torch.equal(fused_softmax.get_default_causal_mask(3),
+                                   torch.tensor([[0, 1, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)))
     return out
 
 
 @pytest.mark.distributed
 def test_gpt_from_hf_equals_hf_llama_at_tp1_and_tp2_and_round_trips_exactly():
+    """Also the CPU shims: they apply only without CUDA, the forward and backward run with them, and each
+    is still needed. Fails loudly when megatron-core changes what a shim patches (install() raises, or
+    the step breaks) or no longer needs one (the original stops raising: drop that shim)."""
+    from ds_accel.megatron import _cpu
+
+    if torch.cuda.is_available():
+        assert _cpu.install() == []
     for rank_out in run_ranks(_equivalence_worker, 2):
+        if not torch.cuda.is_available():
+            assert rank_out.pop("needed") == dict.fromkeys(_cpu.SHIMS, True)
+            assert rank_out.pop("installed") == list(_cpu.SHIMS)
+        assert rank_out.pop("grads") and rank_out.pop("mask")
         for (tp, tied), r in rank_out.items():
             assert r["scale"] > 0.1
             assert r["logits"] < 1e-5, (tp, tied, r)

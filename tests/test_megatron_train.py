@@ -21,8 +21,9 @@ OPTIM = {"micro_batch_size": 4, "eps": 1e-3}
 
 
 def _run_dict(path, **extra):
-    return tiny_overrides(path, optim=OPTIM, multilevel=ML, sat=SAT,
-                          deepspeed={"config": str(REPO / "ds_configs" / "zero1.json")}, **extra)
+    sections = {"optim": OPTIM, "multilevel": ML, "sat": SAT,
+                "deepspeed": {"config": str(REPO / "ds_configs" / "zero1.json")}, **extra}
+    return tiny_overrides(path, **sections)
 
 
 @pytest.mark.distributed
@@ -57,3 +58,33 @@ def test_megatron_backend_tp2_vcycle_sat_equals_hf_resumes_mid_level_and_exports
     assert exported.model.layers[0].self_attn.k_proj.weight.shape == (32, 64)  # 2 KV heads x 16, gathered whole
     final_val = next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
     assert evaluate(exported, prepare(cfg.data).val, cfg, 0, 1) == pytest.approx(final_val, abs=1e-5)
+
+
+def test_megatron_backend_refuses_what_cannot_work_naming_the_field(tmp_path):
+    """Before any work: the config alone (validate), or with its DeepSpeed JSON (the trainer's layout check)."""
+    from ds_accel.config import ConfigError, from_dict
+    from ds_accel.engine.build import resolve_ds_config
+    from ds_accel.megatron.engine import check_config
+
+    def megatron(**extra):
+        return _run_dict(tmp_path, model={"preset": "tiny", "backend": "megatron"}, **extra)
+
+    for extra, message in [
+        ({"parallel": {"pp": 2}}, r"parallel\.pp: pipeline stages are not supported with model\.backend megatron"),
+        ({"multilevel": {**ML, "optimizer_policy": "transfer"}}, r"multilevel\.optimizer_policy: .* use fresh"),
+        ({"parallel": {"tp": 0}}, r"parallel\.tp: must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(megatron(**extra))
+    with pytest.raises(ConfigError, match=r"parallel\.tp: Megatron tensor parallelism needs model\.backend megatron"):
+        from_dict(_run_dict(tmp_path, parallel={"tp": 2}))
+    for ds_json, extra, message in [
+        ("zero2.json", {}, r"deepspeed\.config: ZeRO stage 2 with model\.backend megatron"),
+        ("zero3.json", {}, r"deepspeed\.config: ZeRO stage 3 with model\.backend megatron"),
+        ("tp2.json", {}, r"deepspeed\.config: tensor_parallel\.autotp_size with model\.backend megatron"),
+        ("zero1.json", {"parallel": {"tp": 4}}, r"data\.vocab_size: 510 is not divisible by parallel\.tp=4"),
+    ]:
+        cfg = from_dict({**megatron(**extra), "deepspeed": {"config": str(REPO / "ds_configs" / ds_json)},
+                         "data": {"seq_len": 32, "max_chars": 120_000, "vocab_size": 510}})
+        with pytest.raises(ConfigError, match=message):
+            check_config(cfg, resolve_ds_config(cfg, 1))

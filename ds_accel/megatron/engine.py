@@ -39,8 +39,9 @@ def check_config(cfg: TrainConfig, ds: dict) -> None:
     HF backend's TP checks: heads, KV heads and channels of every level divisible by ``parallel.tp``)."""
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage > 1:
-        raise ConfigError(f"deepspeed.config: ZeRO stage {stage} with model.backend megatron; Megatron's layers and "
-                          "the transitions' fused-parameter writes run under ZeRO 0-1: use ds_configs/zero1.json")
+        raise ConfigError(f"deepspeed.config: ZeRO stage {stage} with model.backend megatron, which runs under ZeRO 0-1 "
+                          "(ZeRO-3 would partition Megatron's layers at construction; ZeRO-2 is untested): use "
+                          "ds_configs/zero1.json")
     if int(ds.get("tensor_parallel", {}).get("autotp_size", 1) or 1) > 1:
         raise ConfigError("deepspeed.config: tensor_parallel.autotp_size with model.backend megatron; the Megatron "
                           "backend's tensor parallelism is parallel.tp: remove tensor_parallel from the DeepSpeed config")
@@ -51,8 +52,9 @@ def check_config(cfg: TrainConfig, ds: dict) -> None:
 
 
 def new_model(conf: LlamaConfig, cfg: TrainConfig, seed: int | None, pretrained: str | None = None) -> MegatronCausalLM:
-    """This rank's TP block of a model of shape ``conf``: a local checkpoint, the HF backend's seeded
-    initialisation (``initial_value`` per HF parameter), or zeros (``seed`` None: a transition fills it)."""
+    """This rank's TP block of a model of shape ``conf``: a local checkpoint (read whole on every rank),
+    the HF backend's seeded initialisation (``initial_value`` per HF parameter), or zeros (``seed``
+    None: a transition fills it)."""
     init_parallel(cfg.parallel.tp, cfg.run.seed)
     gpt = empty_gpt(conf, bf16=resolve_dtype(cfg.model.dtype) == torch.bfloat16)
     if pretrained is not None:

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig
 
+from ..config import ConfigError
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_PARAMS = {  # HF name within a decoder layer -> Megatron name within a TransformerLayer
     "self_attn.q_proj.weight": "self_attention.linear_qkv.weight",
@@ -101,7 +103,7 @@ def check_tp(config: LlamaConfig, tp: int) -> None:
     for what, n in (("KV heads", config.num_key_value_heads), ("MLP channels", config.intermediate_size),
                     ("vocabulary entries", config.vocab_size)):
         if n % tp:
-            raise ValueError(f"parallel.tp: {tp} does not divide the {n} {what} of the model; Megatron's layout "
+            raise ConfigError(f"parallel.tp: {tp} does not divide the {n} {what} of the model; Megatron's layout "
                              "needs equal blocks (use a tp that divides it)")
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor, nn
 
-from ..sat.omit import HeadSelection, StepSlices
+from ..sat.omit import HeadSelection, StepSlices, to_device
 from ..sat.optim_guard import OmittedSlice
 from ..structure import KeepDict, TensorShard, head_rows, in_block, unique_indices
 from .layout import Shape, qkv_k_rows, qkv_q_rows, qkv_v_rows
@@ -128,7 +129,27 @@ def _output(linear: nn.Module, a: Tensor, weight: Tensor | None, shard: TensorSh
     return (part if shard is None else shard.reduce(part)), linear.bias
 
 
-def _sliced_attention(attn: nn.Module, heads: HeadSelection | None, shard: TensorShard | None,
+@dataclass(frozen=True)
+class _HeadIndex:
+    """One layer's kept heads on this rank, as device indices made once per context: the linear_qkv rows
+    (the kept query heads', then their KV heads' keys, then values), the widths of those three parts,
+    each kept query head's position among the kept KV heads (None without GQA), linear_proj's columns."""
+
+    qkv_rows: Tensor
+    widths: tuple[int, int, int]
+    q_to_kv: Tensor | None
+    proj_columns: Tensor
+
+
+@dataclass(frozen=True)
+class _ChannelIndex:
+    """One layer's kept channels on this rank: linear_fc1 rows (gate rows, then up rows), linear_fc2 columns."""
+
+    fc1_rows: Tensor
+    fc2_columns: Tensor
+
+
+def _sliced_attention(attn: nn.Module, index: _HeadIndex | None, shard: TensorShard | None,
                       record: Callable[..., None] | None, take: Take, hidden_states: Tensor,
                       attention_mask: Tensor | None = None, key_value_states: Tensor | None = None,
                       inference_context: Any = None, rotary_pos_emb: Any = None, packed_seq_params: Any = None,
@@ -138,46 +159,40 @@ def _sliced_attention(attn: nn.Module, heads: HeadSelection | None, shard: Tenso
         raise ValueError("omit(): SAT slices training forwards (no inference context, packed sequences or "
                          "cross attention)")
     x = hidden_states if shard is None else shard.enter(hidden_states)
-    if heads is None:
+    if index is None:
         return _output(attn.linear_proj, x, None, shard)
-    shape, device = unit_shape(attn), x.device
-    q_rows = qkv_q_rows(heads.q_heads, shape)
-    rows = torch.cat([q_rows, qkv_k_rows(heads.kv_heads, shape), qkv_v_rows(heads.kv_heads, shape)]).to(device)
-    n_q, n_kv = len(heads.q_heads) * shape.head_dim, len(heads.kv_heads) * shape.head_dim
-    q, k, v = F.linear(x, take(attn.linear_qkv.weight, 0, rows)).split([n_q, n_kv, n_kv], dim=-1)
-    q, k, v = (t.unflatten(-1, (-1, shape.head_dim)) for t in (q, k, v))  # [seq, batch, heads, head_dim]
+    head_dim = unit_shape(attn).head_dim
+    q, k, v = F.linear(x, take(attn.linear_qkv.weight, 0, index.qkv_rows)).split(index.widths, dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))  # [seq, batch, heads, head_dim]
     if rotary_pos_emb is not None:
         q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
         cp = attn.pg_collection.cp
         q = apply_rotary_pos_emb(q, q_emb, config=attn.config, cp_group=cp)
         k = apply_rotary_pos_emb(k, k_emb, config=attn.config, cp_group=cp)
-    if heads.q_to_kv is not None:
-        q_to_kv = heads.q_to_kv.to(device)
-        k, v = k.index_select(2, q_to_kv), v.index_select(2, q_to_kv)
+    if index.q_to_kv is not None:
+        k, v = k.index_select(2, index.q_to_kv), v.index_select(2, index.q_to_kv)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [batch, heads, seq, head_dim]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
         dropout_p=attn.config.attention_dropout if attn.training else 0.0,
         is_causal=attention_mask is None and q.shape[2] > 1, scale=attn.core_attention.softmax_scale)
     out = out.permute(2, 0, 1, 3).flatten(-2)  # [seq, batch, kept heads * head_dim]
-    weight = take(attn.linear_proj.weight, 1, head_rows(heads.q_heads, shape.head_dim).to(device))
+    weight = take(attn.linear_proj.weight, 1, index.proj_columns)
     if record is not None:
         record(out, weight=weight.detach())
     return _output(attn.linear_proj, out, weight, shard)
 
 
-def _sliced_mlp(mlp: nn.Module, channels: Tensor | None, shard: TensorShard | None,
+def _sliced_mlp(mlp: nn.Module, index: _ChannelIndex | None, shard: TensorShard | None,
                 record: Callable[..., None] | None, take: Take, hidden_states: Tensor,
                 **unused: Any) -> tuple[Tensor, Any]:
-    """MLP.forward (SwiGLU) on the kept channels (this rank's local indices); (output, bias) out."""
+    """MLP.forward (SwiGLU) on the kept channels; (output, bias) out."""
     x = hidden_states if shard is None else shard.enter(hidden_states)
-    if channels is None:
+    if index is None:
         return _output(mlp.linear_fc2, x, None, shard)
-    local = mlp.linear_fc1.weight.shape[0] // 2  # [gate_r; up_r]
-    c = channels.to(x.device)
-    gate, up = F.linear(x, take(mlp.linear_fc1.weight, 0, torch.cat([c, local + c]))).chunk(2, dim=-1)
+    gate, up = F.linear(x, take(mlp.linear_fc1.weight, 0, index.fc1_rows)).chunk(2, dim=-1)
     a = F.silu(gate) * up
-    weight = take(mlp.linear_fc2.weight, 1, c)
+    weight = take(mlp.linear_fc2.weight, 1, index.fc2_columns)
     if record is not None:
         record(a, weight=weight.detach())
     return _output(mlp.linear_fc2, a, weight, shard)
@@ -196,6 +211,33 @@ def _observe_dense(linear: nn.Module, record: Callable[..., None], block: range 
         lambda mod, args: record(args[0], kept=kept, weight=mod.weight.detach())).remove
 
 
+def _head_index(layer: TransformerLayer, kept: Tensor, shard: TensorShard | None) -> tuple[_HeadIndex, Tensor] | None:
+    """The device indices of this rank's kept heads and their global numbers (for recording); None: it keeps none."""
+    shape, heads = unit_shape(layer), _local_heads(layer, kept, shard)
+    if not len(heads.q_heads):
+        return None
+    rows = [qkv_q_rows(heads.q_heads, shape), qkv_k_rows(heads.kv_heads, shape), qkv_v_rows(heads.kv_heads, shape)]
+    host = [torch.cat(rows), head_rows(heads.q_heads, shape.head_dim),
+            heads.q_heads + (0 if shard is None else shard.heads.start)]
+    host += [] if heads.q_to_kv is None else [heads.q_to_kv]
+    dev = to_device(host, layer.self_attention.linear_qkv.weight.device)
+    widths = (len(rows[0]), len(rows[1]), len(rows[2]))
+    return _HeadIndex(dev[0], widths, dev[3] if len(dev) > 3 else None, dev[1]), dev[2]
+
+
+def _channel_index(layer: TransformerLayer, kept: Tensor, shard: TensorShard | None
+                   ) -> tuple[_ChannelIndex, Tensor] | None:
+    """The device indices of this rank's kept channels and their global numbers; None: it keeps none."""
+    channels = _local_channels(layer, kept, shard)
+    if not len(channels):
+        return None
+    local = layer.mlp.linear_fc1.weight.shape[0] // 2  # [gate_r; up_r]
+    host = [torch.cat([channels, local + channels]), channels,
+            channels + (0 if shard is None else shard.channels.start)]
+    fc1_rows, fc2_columns, kept_global = to_device(host, layer.mlp.linear_fc2.weight.device)
+    return _ChannelIndex(fc1_rows, fc2_columns), kept_global
+
+
 def omit_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_channels: Tensor | None,
                shard: TensorShard | None = None, record_heads: Callable[..., None] | None = None,
                record_channels: Callable[..., None] | None = None, take: Take = _index_select
@@ -203,26 +245,25 @@ def omit_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_channels
     """Install the sliced forward (or, when recording, the dense observers) on one layer; returns the undos.
 
     ``kept_heads`` / ``kept_channels``: global indices, None (or all units) for a dense half, which
-    keeps Megatron's own forward. ``record_*``: ``record(activation, kept=None, weight=None)``.
+    keeps Megatron's own forward. ``record_*``: ``record(activation, kept=None, weight=None)``. The
+    indices go to the device here, once, so the forward and backward never wait on the host.
     """
     shape, undo = unit_shape(layer), []
     attn, mlp = layer.self_attention, layer.mlp
     if kept_heads is not None and len(unique_indices(kept_heads.cpu(), shape.heads, "heads")) < shape.heads:
-        heads = _local_heads(layer, kept_heads, shard)
-        if record_heads is not None and len(heads.q_heads):
-            offset = 0 if shard is None else shard.heads.start
-            record_heads = partial(record_heads, kept=(heads.q_heads + offset).to(attn.linear_proj.weight.device))
-        undo.append(_swap_forward(attn, partial(_sliced_attention, attn, heads if len(heads.q_heads) else None,
-                                                shard, record_heads, take)))
+        found = _head_index(layer, kept_heads, shard)
+        if record_heads is not None and found is not None:
+            record_heads = partial(record_heads, kept=found[1])
+        index = None if found is None else found[0]
+        undo.append(_swap_forward(attn, partial(_sliced_attention, attn, index, shard, record_heads, take)))
     elif record_heads is not None:
         undo.append(_observe_dense(attn.linear_proj, record_heads, None if shard is None else shard.heads))
     if kept_channels is not None and len(unique_indices(kept_channels.cpu(), shape.channels, "channels")) < shape.channels:
-        channels = _local_channels(layer, kept_channels, shard)
-        if record_channels is not None and len(channels):
-            offset = 0 if shard is None else shard.channels.start
-            record_channels = partial(record_channels, kept=(channels + offset).to(mlp.linear_fc2.weight.device))
-        undo.append(_swap_forward(mlp, partial(_sliced_mlp, mlp, channels if len(channels) else None,
-                                               shard, record_channels, take)))
+        found = _channel_index(layer, kept_channels, shard)
+        if record_channels is not None and found is not None:
+            record_channels = partial(record_channels, kept=found[1])
+        index = None if found is None else found[0]
+        undo.append(_swap_forward(mlp, partial(_sliced_mlp, mlp, index, shard, record_channels, take)))
     elif record_channels is not None:
         undo.append(_observe_dense(mlp.linear_fc2, record_channels, None if shard is None else shard.channels))
     return undo
