@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from unittest import mock
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
@@ -337,3 +338,42 @@ def checkpoint_state(path) -> dict[str, list[torch.Tensor]]:
     state = saved["optimizer"]["state"]
     return {name: [module[name].double()] + [state.get(i, {}).get(k) for k in MOMENTS]
             for i, name in enumerate(order)}
+
+
+def check_sat_run(cfg_dict: dict, rows: list[dict], export_dir, shards: int = 1) -> dict[str, float]:
+    """A finished trainer run of ``cfg_dict`` (SAT with LORS, no V-cycle, one data-parallel group: every rank
+    reads the whole global batch) against :func:`sat_reference` in float64: the rates, LRs and losses of
+    ``rows`` (metrics.jsonl, a row per step) and the weights in ``export_dir``, each within 2x the float32
+    twin's deviation (tests/test_reference_sat.py argues the bound; losses also get 4 float32 ulps).
+    ``shards``: the tensor-parallel ranks a ``balanced`` selection spreads over. Returns the deviations."""
+    from ds_accel.config import from_dict
+    from ds_accel.data import BlockSampler, prepare
+    from ds_accel.models import model_config
+
+    cfg = from_dict(cfg_dict)
+    o, total = cfg.optim, cfg.run.total_steps
+    with one_thread():
+        corpus = prepare(cfg.data)
+        conf = model_config(cfg.model, corpus.vocab_size)
+        sampler = BlockSampler(len(corpus.train), o.micro_batch_size, o.grad_accum, 1, cfg.run.seed)
+        steps = [[corpus.train[sampler.indices(t, a, 0)] for a in range(o.grad_accum)] for t in range(total)]
+        lrs = [o.lr * warmup_cosine(t, total, o.warmup_steps, o.min_lr_ratio) for t in range(total)]
+        losses, rates, keeps, states, _ = sat_reference(conf, cfg.run.seed, cfg.sat, o, steps, lrs, torch.float64,
+                                                        shards, checkpoints=(total,))
+        f32_losses, _, _, f32_states, _ = sat_reference(conf, cfg.run.seed, cfg.sat, o, steps, lrs, torch.float32,
+                                                        shards, selections=keeps, checkpoints=(total,))
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, total + 1)), "log_every must be 1"
+    assert [r["omission_rate"] for r in rows] == rates and max(rates) > 0 and rates[-1] == 0
+    assert [r["lr"] for r in rows] == pytest.approx(lrs, rel=1e-12)
+    loss_f32 = max(abs(a - b) / b for a, b in zip(f32_losses, losses))
+    loss_err = max(abs(r["loss"] - b) / b for r, b in zip(rows, losses))
+    assert loss_err <= 2 * loss_f32 + 4 * ULP32, (loss_err, loss_f32)
+    exported = LlamaForCausalLM.from_pretrained(str(export_dir), torch_dtype=torch.float32)
+    got = {name: [p.detach()] for name, p in exported.named_parameters()}
+    f32 = deviation(f32_states[total], states[total], o.lr)
+    err = deviation(got, states[total], o.lr)
+    assert f32["weight"] < 0.3, "the float32 reference itself is far off"
+    assert err["weight"] <= 2 * f32["weight"] and err["weight_rms"] <= 2 * f32["weight_rms"], (err, f32)
+    return {"loss": loss_err, "loss_f32": loss_f32, **{k: err[k] for k in ("weight", "weight_rms")},
+            **{f"{k}_f32": f32[k] for k in ("weight", "weight_rms")}}

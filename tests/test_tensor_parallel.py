@@ -14,6 +14,7 @@ from ranks import run_ranks
 
 STEPS = 4
 TOL = 1e-5
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _config(**changes):
@@ -53,22 +54,29 @@ def _full(p, local):
 def _sat_steps(tp: int, replay: list | None):
     """SAT at rate 0.5 for STEPS steps: even steps keep the balanced top-k of 2 shards, odd steps the
     global top-k (which at step 1 keeps every head and channel of rank 0's block and none of rank 1's).
-    With ``replay`` (the single process's record) the step uses the recorded selection."""
+    With ``replay`` (the single process's record) the step uses the recorded selection.
+
+    Adam's moments exist after the first step; DeepSpeed 0.19's ZeRO-1 links only the first parameter
+    group's to the parameters, so they are linked for the no-decay group (biases, norms) too after every
+    step (``link_optimizer_state``), and every parameter's moments are compared."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state
 
+    from ds_accel.ds_private import link_optimizer_state
     from ds_accel.engine.params import full_param
-    from ds_accel.engine.sat import SATController
+    from ds_accel.engine.sat import SATController, frozen_fragments
     from ds_accel.sat import select
-
-    def has_moments(p, step):
-        """DeepSpeed links ZeRO-1 moments lazily, after the first group's first step: the no-decay
-        group (biases, norms) never gets linked ones, so only matrices' moments are reachable."""
-        return step > 0 and p.dim() == 2
+    from ds_accel.sat.omit import resolve
 
     def local_copies(p, step):
-        """The fp32 master and the Adam moments of this rank's block."""
-        keys = ("exp_avg", "exp_avg_sq") if has_moments(p, step) else ()
-        return [safe_get_full_fp32_param(p), *(safe_get_full_optimizer_state(p, k) for k in keys)]
+        """The fp32 master and, after the first step, the Adam moments of this rank's block."""
+        return [safe_get_full_fp32_param(p), *(safe_get_full_optimizer_state(p, k) for k in MOMENTS if step > 0)]
+
+    def impose(keep_heads, keep_channels):
+        """Replace the selection ``begin_step`` made (and the freeze guard it armed) by the chosen one."""
+        sat.keep_heads, sat.keep_channels = keep_heads, keep_channels
+        sat.selection = resolve(sat.layers, keep_heads, keep_channels, sat.tp.shard if sat.tp else None)
+        slices = sat.omitted()
+        sat.guard.arm(lambda: frozen_fragments(sat.guard.optimizer, slices))
 
     def plain(keep):
         return tuple({k: v.tolist() for k, v in d.items()} for d in keep)
@@ -76,6 +84,7 @@ def _sat_steps(tp: int, replay: list | None):
     conf = _config(attention_bias=True, mlp_bias=True)
     engine, cfg = _engine(conf, tp, seed=2)
     sat = SATController(cfg.sat, engine.module, cfg.run.total_steps, seed=0)
+    sat.attach(engine.optimizer)
     params = dict(engine.module.named_parameters())
     data = torch.randint(0, 512, (STEPS, 4, 32), generator=torch.Generator().manual_seed(7))
     out = {"own": [], "balanced": [], "global": [], "scores": [], "losses": [], "grads": [], "weights": [],
@@ -87,7 +96,7 @@ def _sat_steps(tp: int, replay: list | None):
         out["balanced"].append(plain(select(sat.tracker, rate, num_shards=2)))
         out["global"].append(plain(select(sat.tracker, rate)))
         chosen = (replay or out)["balanced" if step % 2 == 0 else "global"][step]
-        sat.keep_heads, sat.keep_channels = ({k: torch.tensor(v) for k, v in d.items()} for d in chosen)
+        impose(*({k: torch.tensor(v) for k, v in d.items()} for d in chosen))
         with sat.omitting():
             loss = engine(input_ids=data[step], labels=data[step], use_cache=False).loss
             engine.backward(loss)
@@ -95,15 +104,15 @@ def _sat_steps(tp: int, replay: list | None):
         out["grads"].append({n: _full(p, safe_get_full_grad(p)) for n, p in params.items()})
         omitted = sat.omitted()  # this rank's block: compared on the rank's own (TP-local) tensors
         before = [[t.clone() for t in local_copies(s.param, step)] for s in omitted]
-        with sat.guard_optimizer(engine):
-            engine.step()
+        engine.step()
+        link_optimizer_state(engine.optimizer)
         sat.end_step()
         for s, saved in zip(omitted, before):
             out["frozen"] += [torch.equal(a.index_select(s.dim, s.index), b.index_select(s.dim, s.index))
                               for a, b in zip(local_copies(s.param, step), saved)]
         out["weights"].append({n: full_param(p) for n, p in params.items()})
-        out["moments"].append({n: _full(p, safe_get_full_optimizer_state(p, "exp_avg"))
-                               for n, p in params.items() if has_moments(p, 1)})
+        out["moments"].append({f"{n}.{k}": _full(p, safe_get_full_optimizer_state(p, k))
+                               for n, p in params.items() for k in MOMENTS})
     engine.destroy()
     return out
 
@@ -118,6 +127,7 @@ def test_sat_tp2_equals_one_process_under_the_same_selection():
     one = run_ranks(_sat_steps, 1, 1, None)[0]
     ranks = run_ranks(_sat_steps, 2, 2, one)
     assert len(one["frozen"]) > 20 and all(one["frozen"])
+    assert len(one["moments"][0]) == 2 * len(one["weights"][0]), "every parameter's moments, 1-D ones included"
     assert one["balanced"][2] != one["balanced"][0], "selection never followed the scores"
     for r in ranks:
         assert all(r["frozen"]) and len(r["frozen"]) > 20, "an omitted weight or moment moved in a TP block"
@@ -225,3 +235,28 @@ def test_trainer_vcycle_and_sat_tp2_equal_one_process_and_resume_mid_level(tmp_p
     exported = LlamaForCausalLM.from_pretrained(tmp_path / "tp2" / "export")  # TP blocks gathered whole
     assert exported.model.layers[0].mlp.gate_proj.weight.shape == (176, 64)
     assert exported.lm_head.weight.shape == (512, 64)
+
+
+@pytest.mark.distributed
+def test_trainer_sat_tp2_at_the_default_eps_matches_the_method_by_hand(tmp_path):
+    """The trainer under tp=2 at the real ``optim.eps`` (1e-8), against SAT driven by hand in float64
+    (tests/reference.py: LORS, importance, the balanced top-k over the 2 TP blocks, masked dense model,
+    torch AdamW with the freeze write-back), so that an optimizer-path bug that a larger eps would damp
+    cannot hide: 4 steps at rates 0.5, 0.5, 0.5, 0, gradient accumulation 2, weight decay, clipping.
+
+    Tolerance from float error, as tests/test_reference_sat.py argues: TP sums the row-parallel partial
+    outputs and the replicated parameters' gradients in another order than one process, and Adam turns a
+    gradient rounding d into up to lr d / (4 eps) near |g| = eps; the same reference in float32 measures
+    how far float32 lands from float64 (e32, largest and RMS weight error in units of lr), and the run must
+    stay within 2 e32 of the float64 reference (losses: 2 e32 + 4 float32 ulps). A TP block updated with
+    the other block's gradient, a missed all-reduce or a moment fragment left unfrozen is an error of order
+    lr on whole rows, far outside it."""
+    from reference import check_sat_run
+
+    cfg = tiny_overrides(tmp_path / "tp2", run={"total_steps": 4, "eval_every": 4, "export": True},
+                         optim={"micro_batch_size": 2, "grad_accum": 2, "weight_decay": 0.1},
+                         sat={"enabled": True, "omission_rate": 0.5, "stage1_fraction": 0.5, "rungs": 2},
+                         deepspeed={"config": str(REPO / "ds_configs" / "tp2.json")})
+    assert "eps" not in cfg["optim"]
+    rows = run_ranks(train_rows, 2, cfg)[0]
+    check_sat_run(cfg, rows, tmp_path / "tp2" / "export", shards=2)
