@@ -61,6 +61,8 @@ def save(engine, root: Path, step: int, run_state: dict[str, Any], extra: dict[s
         _atomic_write(root / tag / "run_state.json", json.dumps(run_state).encode())
         if layout is not None:
             _atomic_write(root / tag / LAYOUT, json.dumps(layout).encode())
+        for stale in root.glob(f"{tag}.to-*"):  # conversions of an earlier checkpoint of this step
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     if rank == 0:
         _atomic_write(root / POINTER, tag.encode())

@@ -241,7 +241,8 @@ class Resume:
             if dist.is_initialized():
                 dist.barrier()
             if rank == 0:
-                converted += [f"kept shards re-cut for {self.current.world} ranks" if self._has_kept() else
+                world = self.current.world
+                converted += [f"kept shards re-cut for {world} rank" + "s" * (world != 1) if self._has_kept() else
                               "no kept shards", "SAT state merged over the saved ranks" if self._has_sat() else
                               "no SAT state"]
                 shutil.copy2(self.root / self.tag / "run_state.json", tmp / "run_state.json")
