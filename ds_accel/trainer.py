@@ -201,9 +201,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     # DeepSpeed counts AutoTP ranks in train_batch_size; Megatron's (parallel.tp) it learns from the mpu
     ds = resolve_ds_config(cfg, world // (pp * cfg.parallel.tp))
     tp = cfg.parallel.tp if cfg.model.backend == "megatron" else tp_size(ds)
-    _check_layout(cfg, ds, world, tp)
     layout = elastic.Layout.of(cfg, ds, world, tp)
     resumed = elastic.check_resume(ckpt_root, layout) if resume else None  # refuses what can't convert, before work
+    _check_layout(cfg, ds, world, tp)
     corpus = _prepare_data(cfg)
     stages = plan(model_config(cfg.model, corpus.vocab_size), cfg.multilevel, cfg.run.total_steps)
     dp_world, data_rank = world // (pp * tp), rank // tp  # AutoTP groups are consecutive ranks

@@ -291,7 +291,8 @@ class Resume:
             torch.save({k: state[k].reshape(shapes[name]) for k in STATES}, out / f"{name}.pt")
         missing = sorted(set(shapes) - {p.stem for p in out.iterdir()})
         if missing:
-            raise ValueError(f"the checkpoint has no {', '.join(missing)}: the model config differs from the checkpoint's")
+            raise ValueError(f"the checkpoint has no {', '.join(missing)}: the model config differs from the "
+                             "checkpoint's")
         return f"weights and Adam moments of {len(shapes)} parameters at Adam step {self.record['adam_step']} ({how})"
 
 
