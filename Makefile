@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:  make train   |   make test
 # (each first runs `setup`: Debian's bible-kjv corpus, a virtualenv, torch, ds_accel with its dev extra).
+# On a CUDA machine (with a CUDA torch in .venv): make gpu-check  (~10 minutes; writes docs/benchmark/gpu/).
 
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -8,7 +9,7 @@ TORCH ?= torch==2.13.0
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.ds_accel-installed
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench gpu-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -28,3 +29,6 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/ds-accel bench --out runs/bench
+
+gpu-check: setup
+	$(VENV)/bin/ds-accel gpu-check --out docs/benchmark/gpu
