@@ -8,11 +8,12 @@ tokens); (c) writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``: the de
 NCCL / DeepSpeed versions, every run's figures and their ratios to dense under the same ZeRO stage,
 all measured in this one invocation.
 
-Budget: about 10 minutes on one H100. A launch costs ~20-30 s before its first step (imports, NCCL,
-engine) and the small preset's step is launch-bound on a GPU (tens of ms), so the eight runs of 300
-steps take ~5-6 minutes; the step benchmark ~2 minutes. A run that fails is recorded (return code
-and the end of its log) and the others still run; the command exits non-zero when the machine has no
-CUDA, a run failed, or a run's validation loss did not fall below its first logged loss.
+Budget: about 10 minutes on one GPU, measured on one H200 (docs/benchmark/gpu/): a launch of 200 steps
+takes 53-68 s, of which the training steps 13-29 s and the rest start-up (imports, NCCL, engine,
+evaluation, checkpoint), so the eight runs take about 8 minutes; the step benchmark runs first, in
+about a minute (the two calls there took 8 minutes, 7 launches included). A run that fails is recorded (return code and the end of its log) and the others
+still run; the command exits non-zero when the machine has no CUDA, a run failed, or a run's
+validation loss did not fall below its first logged loss.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def add_parser(sub) -> None:
                                          "SAT step benchmark, written to docs/benchmark/gpu/")
     p.add_argument("--out", default="docs/benchmark/gpu", help="report directory (default docs/benchmark/gpu)")
     p.add_argument("--runs", default="runs/gpu-check", help="the training runs' output directories")
-    p.add_argument("--steps", type=int, default=300, help="steps per training run (default 300)")
+    p.add_argument("--steps", type=int, default=200, help="steps per training run (default 200)")
     p.add_argument("--quick", action="store_true", help="the step benchmark's quick mode (fewer repetitions)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
                    help="comma list among " + ", ".join(METHODS) + " (default all)")
