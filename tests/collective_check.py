@@ -36,6 +36,11 @@ Not caught: ``torch.from_numpy`` and ``torch.load`` results (not torch functions
 like ``runtime.device()`` on this machine.
 
 ``DS_ACCEL_COLLECTIVE_CHECK=0`` turns the check off in ``tests/ranks.py`` (to measure its overhead).
+Overhead, measured 2026-11-27 on 2 ranks of the ``tiny`` model (4 x 32 tokens, median of 3 x 10 steps,
+process CPU time, the machine shared with other jobs): ZeRO-1 step 36.6 -> 52.6 ms (1.44x) and 37.0 ->
+50.4 ms (1.36x), ZeRO-3 139.3 -> 161.1 ms (1.16x) and 131.3 -> 146.5 ms (1.12x) on ranks 0 and 1. A
+2-rank test's wall-clock is mostly process start-up and engine set-up: a 16-step ZeRO-3 V-cycle + SAT
+trainer run took 88 s with the check and 88 s without (105 / 119 s in a second pair).
 """
 
 from __future__ import annotations
