@@ -228,3 +228,53 @@ def test_pipeline_names_become_hf_names():
              "4.weight": "lm_head.weight",
              "model.layers.1.input_layernorm.weight": "model.layers.1.input_layernorm.weight"}
     assert {name: hf_name(name, num_layers=2) for name in names} == names
+
+
+def test_check_resume_refuses_what_cannot_convert(tmp_path):
+    """The decision reads the recorded layouts only: what can't be converted is one ConfigError naming the
+    field; a changed global batch is named with the grad_accum that keeps it."""
+    from dataclasses import asdict, replace
+
+    from ds_accel.config import ConfigError
+    from ds_accel.engine.elastic import Layout, check_resume
+
+    saved = Layout(world=2, dp=1, tp=1, pp=2, zero_stage=0, dtype="fp32", backend="hf", micro_batch_size=4,
+                   grad_accum=1)
+
+    def checkpoint_of(layout, ranks=2):
+        root = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        (root / "step000003").mkdir(parents=True)
+        (root / "latest").write_text("step000003")
+        (root / "step000003" / "run_state.json").write_text(json.dumps({"step": 3}))
+        for rank in range(ranks):
+            (root / "step000003" / f"extra_rank{rank}.pt").write_bytes(b"")
+        if layout is not None:
+            (root / "step000003" / "layout.json").write_text(json.dumps({"layout": asdict(layout), "adam_step": 3}))
+        return root
+
+    root = checkpoint_of(saved)
+    with pytest.raises(ConfigError, match=r"^deepspeed\.config: checkpoint .* \(2 ranks \(dp1 tp1 pp2, ZeRO-0, "
+                                          r"fp32\)\) is a ZeRO-0 checkpoint with tensor or pipeline parallelism, "
+                                          r".*this run has 1 rank \(dp1 tp1 pp1, ZeRO-1, fp32\); resume with a ZeRO-0 "
+                                          r"deepspeed\.config, autotp_size=1, parallel\.pp=2"):
+        check_resume(root, replace(saved, world=1, pp=1, zero_stage=1))
+    more_data_parallel = check_resume(root, replace(saved, world=4, dp=2))  # ZeRO-0: DeepSpeed's files as they are
+    assert more_data_parallel.converts and more_data_parallel.target.name == "step000003.to-dp2-tp1-pp2-zero0-fp32"
+    assert more_data_parallel._data_note() == (
+        "global batch 4 -> 8: from step 3 on the epoch's sample order is cut into batches of 8, so samples of this "
+        "epoch may repeat or be skipped (make optim.micro_batch_size x optim.grad_accum x 2 data-parallel ranks = 4 "
+        "to keep it)")
+    megatron = replace(saved, pp=1, tp=2, zero_stage=1, backend="megatron")
+    with pytest.raises(ConfigError, match=r"^parallel\.tp: .* model\.backend megatron, whose checkpoints resume "
+                                          r"only on their own layout, .*run on 2 ranks with parallel\.tp=2 and a "
+                                          r"ZeRO-1"):
+        check_resume(checkpoint_of(megatron), replace(megatron, world=1, dp=1, tp=1))
+    with pytest.raises(ConfigError, match=r"^--resume: .* records no layout \(it predates elastic resume\) and was "
+                                          r"written on 2 ranks, this run has 1; resume it on 2 ranks"):
+        check_resume(checkpoint_of(None), replace(saved, world=1, pp=1))
+    one = replace(saved, world=1, dp=1, tp=1, pp=1, zero_stage=1)
+    assert check_resume(checkpoint_of(None, ranks=1), one).converts is False
+    assert check_resume(tmp_path / "none", one) is None
+    doubled = check_resume(checkpoint_of(replace(saved, world=2, dp=2, pp=1, zero_stage=1)),
+                           replace(one, micro_batch_size=4))
+    assert doubled._data_note().endswith("(set optim.grad_accum=2 to keep it)")

@@ -13,9 +13,10 @@ when complete; the original is only read. The conversion holds:
   full-tensor writes of the V-cycle transitions (``LevelParams.write``: ``safe_set_full_fp32_param``,
   ``safe_set_full_optimizer_state``, TP blocks and pipeline stages handled there), at the saved Adam step
   count, so one loader serves every target, a pipeline stage or an AutoTP block included. DeepSpeed's own
-  ``load_universal`` would serve only HF-named, non-pipeline targets under ZeRO-1-3. Where the engine
-  state does not depend on the change (ZeRO-0 in fp32 over another data-parallel size), DeepSpeed loads
-  the original files as they are;
+  ``load_universal`` restores a ZeRO optimizer from the converter's files by the engine's own parameter
+  names: it can't fill a ZeRO-0 engine (torch's optimizer) nor move between HF and pipeline-layer
+  names. Where the engine state does not depend on the change (ZeRO-0 in fp32 over another
+  data-parallel size), DeepSpeed loads the original files as they are;
 * what DeepSpeed does not know, per new rank (``extra_rank{r}.pt``): the large model's kept shards for
   interpolation, re-cut for the new world (each rank reads only its range of the old shards); SAT's
   state made layout-free: each unit's importance from the TP rank that holds it, averaged over the
@@ -189,7 +190,7 @@ class Resume:
             extra = checkpoint.load(engine, self.root, self.tag)
             sat.load_state_dict(extra["sat"])
             if self.saved.global_batch != self.current.global_batch and runtime.rank() == 0:
-                print(f"resume: {self.tag} on its own layout; {self._data_note(stage)}", flush=True)
+                print(f"resume: {self.tag} on its own layout; {self._data_note()}", flush=True)
             return extra["kept"]
         converted = self._convert(stage.config)
         if (self.target / "params").is_dir():
@@ -203,14 +204,14 @@ class Resume:
             print(f"resume: {self.tag} was written on {self.saved.describe()}, this run has "
                   f"{self.current.describe()}; converted into {self.target.name}: {'; '.join(converted)}; "
                   f"V-cycle stage {stage.index} (level {stage.level}), LORS and data continue at step "
-                  f"{self.record_step}; {self._data_note(stage)}", flush=True)
+                  f"{self.record_step}; {self._data_note()}", flush=True)
         return extra["kept"]
 
     @property
     def record_step(self) -> int:
         return checkpoint.read_run_state(self.root, self.tag)["step"]
 
-    def _data_note(self, stage) -> str:
+    def _data_note(self) -> str:
         old, new = self.saved.global_batch, self.current.global_batch
         if old == new:
             return f"global batch {new} as before (the same samples at every step)"
@@ -230,8 +231,9 @@ class Resume:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 try:
-                    converted = [] if _engine_portable(self.saved, self.current) else \
-                        [self._convert_engine(tmp / "params", config)]
+                    converted = [self._convert_engine(tmp / "params", config)
+                                 if not _engine_portable(self.saved, self.current) else
+                                 "weights and Adam moments from DeepSpeed's files as they are (ZeRO-0, fp32)"]
                 except Exception as err:  # every rank raises, none waits in a barrier
                     error = f"resume: converting {self.root / self.tag} failed: {type(err).__name__}: {err}"
             error = _from_rank0(error)
@@ -241,10 +243,11 @@ class Resume:
             if dist.is_initialized():
                 dist.barrier()
             if rank == 0:
-                world = self.current.world
-                converted += [f"kept shards re-cut for {world} rank" + "s" * (world != 1) if self._has_kept() else
-                              "no kept shards", "SAT state merged over the saved ranks" if self._has_sat() else
-                              "no SAT state"]
+                world, old = self.current.world, self._old_extras()[0]
+                if any(old["kept"].values()):
+                    converted.append(f"kept shards re-cut for {world} rank" + "s" * (world != 1))
+                if old["sat"] is not None:
+                    converted.append("SAT state merged over the saved ranks")
                 shutil.copy2(self.root / self.tag / "run_state.json", tmp / "run_state.json")
                 rec = {"layout": asdict(self.current), "adam_step": self.record["adam_step"],
                        "global_steps": self.record["global_steps"], "global_samples": self.record["global_samples"],
@@ -260,12 +263,6 @@ class Resume:
         src = self.root / self.tag
         return [torch.load(src / f"extra_rank{r}.pt", map_location="cpu", mmap=True, weights_only=False)
                 for r in range(self.saved.world)]
-
-    def _has_kept(self) -> bool:
-        return any(self._old_extras()[0]["kept"].values())
-
-    def _has_sat(self) -> bool:
-        return self._old_extras()[0]["sat"] is not None
 
     def _extra_for(self, rank: int) -> dict:
         old = self._old_extras()
