@@ -20,6 +20,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -159,7 +160,6 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
             sat_flops = train_flops(conf, tokens, shape.seq_len, _widths(model, conf, *selections[r]))
             result[policy][str(r)] = {"dense_ms": dense * 1e3, "sat_ms": sat * 1e3, "measured_speedup": dense / sat,
                                       "flops_limit_speedup": dense_flops / sat_flops}
-    del model, optimizer
     return result
 
 
@@ -196,3 +196,55 @@ def table(result: dict) -> str:
                          f"| {v['dense_ms']:.1f} | {v['sat_ms']:.1f} | {v['measured_speedup']:.2f}x "
                          f"| {v['flops_limit_speedup']:.2f}x | {v['measured_speedup'] / v['flops_limit_speedup']:.0%} |")
     return "\n".join(lines)
+
+
+def zero1_bookkeeping(out: Path, policy: str, steps: int = 30) -> dict:
+    """SAT's bookkeeping share of a training step under ZeRO-1 on 2 ranks: ``ds-accel train`` (small
+    preset, SAT, ``policy``) through the ``deepspeed`` launcher; the controller's host time for choosing
+    and resolving units, updating importance and the optimizer guard, over the run's training time
+    (rank 0's figures)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .config import REPO_ROOT
+
+    run_dir = out / f"zero1_{policy}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"run": {"output_dir": str(run_dir), "total_steps": steps, "eval_every": steps, "log_every": 5,
+                   "export": False, "progress": False},
+           "data": {"seq_len": 128}, "model": {"preset": "small", "dtype": "fp32"},
+           "optim": {"micro_batch_size": 8}, "sat": {"enabled": True, "optimizer_policy": policy,
+                                                      "stage1_fraction": 1.0},
+           "deepspeed": {"config": str(REPO_ROOT / "ds_configs" / "zero1.json")}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                    str(REPO_ROOT / "launch" / "train.py"), "--config", str(run_dir / "config.yaml")],
+                   check=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = json.loads((run_dir / "result.json").read_text())
+    return {"policy": policy, "steps": steps, "wall_s": result["wall_s"],
+            "bookkeeping_s": result["sat_bookkeeping_s"], "share": result["sat_bookkeeping_s"] / result["wall_s"]}
+
+
+def step_only(out: Path, quick: bool = False) -> dict:
+    """``ds-accel bench --step-only``: the step benchmark on this machine's device and the ZeRO-1
+    bookkeeping share, written to ``out/sat_step.json`` and ``out/sat_step.md``."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(quick=quick)
+    if not quick and result["device"] == "cpu":
+        result["zero1_bookkeeping"] = [zero1_bookkeeping(out / "zero1", p) for p in POLICIES]
+    (out / "sat_step.json").write_text(json.dumps(result, indent=1))
+    lines = [f"SAT training step against dense on {result['device']} ({result['dtype']}, "
+             f"{result['threads']} threads): forward + backward + AdamW, median of interleaved repetitions.", "",
+             table(result)]
+    for b in result.get("zero1_bookkeeping", []):
+        lines += ["", f"ZeRO-1, 2 ranks, small preset, SAT rate 0.5, `{b['policy']}`: bookkeeping "
+                      f"{b['bookkeeping_s']:.2f} s of {b['wall_s']:.1f} s training ({b['share']:.1%})."]
+    (out / "sat_step.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result

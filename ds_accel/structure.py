@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import LlamaConfig
 
 KeepDict = Mapping[int, Tensor]  # {layer index: kept query-head / channel indices}
 
@@ -75,4 +76,25 @@ def in_block(kept: Tensor, block: range) -> Tensor:
     return kept[(kept >= block.start) & (kept < block.stop)] - block.start
 
 
-__all__ = ["KeepDict", "TensorShard", "decoder_layers", "head_rows", "in_block", "unique_indices"]
+@dataclass(frozen=True)
+class UnitShape:
+    """The unit counts of one decoder layer that SAT, the layouts and the FLOPs count need: query heads,
+    KV heads, head_dim, MLP channels (whole model, not one tensor-parallel rank's block)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    channels: int
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (1 without GQA)."""
+        return self.heads // self.kv_heads
+
+    @classmethod
+    def of(cls, config: LlamaConfig) -> UnitShape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim, config.intermediate_size)
+
+
+__all__ = ["KeepDict", "TensorShard", "UnitShape", "decoder_layers", "head_rows", "in_block", "unique_indices"]

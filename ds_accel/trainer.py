@@ -25,7 +25,7 @@ from .config import ConfigError
 from .engine import elastic
 from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr, zero_stage
 from .engine.export import export_hf
-from .engine.sat import NoSAT, SATController
+from .engine.sat import HF_LLAMA, NoSAT, SATController
 from .engine.transitions import LevelParams, coalesce_into, decoalesce_into, keep_shards
 from .flops import train_flops
 from .metrics import MetricsLog, plot_losses
@@ -109,9 +109,9 @@ def _sat_controller(cfg: TrainConfig, engine) -> SATController | NoSAT:
         return NoSAT()
     groups = (engine.grid.get_data_parallel_group(), engine.grid.get_pipe_parallel_group()) \
         if _is_pipeline(engine) else (None, None)
-    controller = _megatron().MegatronSATController if cfg.model.backend == "megatron" else SATController
-    sat = controller(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups,
-                     micro_batches=cfg.optim.grad_accum)
+    family = _megatron().MEGATRON if cfg.model.backend == "megatron" else HF_LLAMA
+    sat = SATController(cfg.sat, _sat_layers(engine), cfg.run.total_steps, cfg.run.seed, *groups,
+                        micro_batches=cfg.optim.grad_accum, family=family)
     sat.attach(engine.optimizer)
     return sat
 

@@ -105,7 +105,7 @@ def _sat_worker():
 
 @pytest.mark.distributed
 def test_sat_on_megatron_equals_sat_on_hf_llama_at_tp1_and_tp2():
-    from ds_accel.megatron.layout import Shape
+    from ds_accel.structure import UnitShape
 
     for rank_out in run_ranks(_sat_worker, 2):
         assert len(rank_out) == 2 * (len(SELECTIONS) + 1)
@@ -121,7 +121,7 @@ def test_sat_on_megatron_equals_sat_on_hf_llama_at_tp1_and_tp2():
             for got, want in zip(meg["scores"], hf["scores"]):
                 assert torch.allclose(got, want, rtol=1e-5, atol=0), (r["tp"], case)
                 assert (want > 0).any()
-            assert r["found"] == (Shape(8, 4, 8, 96), True, True, False)
+            assert r["found"] == (UnitShape(8, 4, 8, 96), True, True, False)
             hf_mask, meg_mask = r["masks"]
             assert any(m.any() for m in hf_mask.values())
             for name, want in hf_mask.items():

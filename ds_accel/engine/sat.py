@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +43,7 @@ from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
 from ..sat.importance import CHANNELS, HEADS
 from ..sat.omit import resolve
 from ..sat.optim_guard import FragmentPlan, FrozenFragment, OmittedSlice, OmittedStateGuard, plans_on_device
-from ..structure import decoder_layers
+from ..structure import UnitShape, decoder_layers
 from .params import is_zero3
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -80,6 +82,42 @@ def frozen_fragments(inner: torch.optim.Optimizer, slices: list[OmittedSlice]) -
             parts.append((plan, fragment))
     plans = plans_on_device([plan for plan, _ in parts], parts[0][1].master.device) if parts else []
     return [FrozenFragment(plan, f.master, f.state) for plan, (_, f) in zip(plans, parts)]
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """What SAT needs of one model family's decoder layers (the adapter /work/shared/STYLE.md asks for):
+    a new family is one of these, not a branch in the controller.
+
+    ``decoder_layers(model)``: {layer index: layer}; ``unit_shape(layer)``: its whole-model unit counts;
+    ``tensor_parallel(model)``: this rank's TP layout or None; ``resolve(layers, keep_heads, keep_channels,
+    shard)``: the step's selection in whatever form the next two reuse (once per step); ``omit(layers,
+    keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved)``: the sliced-step
+    context; ``omitted_slices(layers, keep_heads, keep_channels, shard, resolved)``: which rows / columns
+    of which parameter the step omits; ``device(layer)``: where its weights live.
+    """
+
+    decoder_layers: Callable[[Any], dict[int, torch.nn.Module]]
+    unit_shape: Callable[[torch.nn.Module], UnitShape]
+    tensor_parallel: Callable[[Any], TensorParallel | None]
+    resolve: Callable[..., Any]
+    omit: Callable[..., Any]
+    omitted_slices: Callable[..., list[OmittedSlice]]
+    device: Callable[[torch.nn.Module], torch.device]
+
+
+def _hf_unit_shape(layer: torch.nn.Module) -> UnitShape:
+    return UnitShape.of(layer.self_attn.config)  # the full shape: under AutoTP the layers hold blocks of it
+
+
+def _hf_omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved):
+    return omit(layers, keep_heads, keep_channels, tracker, shard=shard, micro_batches=micro_batches,
+                keep_slices=keep_slices, selection=resolved)
+
+
+HF_LLAMA = DecoderFamily(decoder_layers=decoder_layers, unit_shape=_hf_unit_shape, tensor_parallel=tensor_parallel,
+                         resolve=resolve, omit=_hf_omit, omitted_slices=omitted_slices,
+                         device=lambda layer: layer.mlp.down_proj.weight.device)
 
 
 def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
@@ -124,15 +162,17 @@ class SATController:
     (at rate 0.5 and tp=2 the other rank idles and the layer saves no time). The price of "balanced"
     is a per-block quota on which units survive; the rate, and the FLOPs saved, are the same.
 
-    ``bookkeeping_s``: host time spent choosing units, resolving them and in the optimizer guard.
+    ``bookkeeping_s``: host time spent choosing units, resolving them, updating importance and in the
+    optimizer guard (its snapshot and write-back run inside the engine's step).
     """
 
     def __init__(self, cfg: SATConfig, model, total_steps: int, seed: int, dp_group=None, pipe_group=None,
-                 micro_batches: int = 1):
-        """``model``: the HF model, or a pipeline stage's {layer index: block}; ``dp_group``: the ranks that
+                 micro_batches: int = 1, family: DecoderFamily = HF_LLAMA):
+        """``model``: the model, or a pipeline stage's {layer index: block}; ``dp_group``: the ranks that
         must select alike (default: all); ``pipe_group``: the stages whose layers make up the model;
-        ``micro_batches``: forward/backward passes per optimizer step (gradient accumulation)."""
-        self.cfg, self.seed, self.micro_batches = cfg, seed, micro_batches
+        ``micro_batches``: forward/backward passes per optimizer step (gradient accumulation);
+        ``family``: the model family's :class:`DecoderFamily` (HF Llama, or ``ds_accel.megatron``'s)."""
+        self.cfg, self.seed, self.micro_batches, self.family = cfg, seed, micro_batches, family
         self.dp_group, self.pipe_group = dp_group, pipe_group
         self.lors = LORS(total_steps, cfg.omission_rate, cfg.stage1_fraction, cfg.rungs, cfg.schedule)
         self.rate = 0.0
@@ -143,18 +183,18 @@ class SATController:
 
     def rebind(self, model) -> None:
         """A new model (a V-cycle level): new shapes, so importance starts afresh."""
+        family = self.family
         self.model = model
-        self.layers = decoder_layers(model)
-        self.tp = tensor_parallel(model)
+        self.layers = family.decoder_layers(model)
+        self.tp = family.tensor_parallel(model)
         first = next(iter(self.layers.values()))
-        config = first.self_attn.config  # the full shape: under AutoTP the layers hold blocks of it
-        self.tracker = ImportanceTracker(self.layers, config.num_attention_heads, config.num_key_value_heads,
-                                         config.intermediate_size, first.self_attn.head_dim,
+        shape = family.unit_shape(first)
+        self.tracker = ImportanceTracker(self.layers, shape.heads, shape.kv_heads, shape.channels, shape.head_dim,
                                          decay=self.cfg.ema_decay, metric=self.cfg.metric, seed=self.seed,
-                                         device=first.mlp.down_proj.weight.device)
+                                         device=family.device(first))
         self.keep_heads, self.keep_channels = {}, {}
-        self.selection = resolve(self.layers, {}, {})
-        self.zero3 = is_zero3(first.mlp.down_proj.weight)
+        self.selection = family.resolve(self.layers, {}, {}, self._shard)
+        self.zero3 = any(is_zero3(p) for p in first.parameters())
         if self.zero3:
             from deepspeed import zero
 
@@ -190,7 +230,7 @@ class SATController:
             heads, channels = select(_on_host(self.tracker), rate, self.cfg.granularity, num_shards=shards,
                                      head_omission_rate=rate if self.cfg.heads else 0.0)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
-            self.selection = resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
+            self.selection = self.family.resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
         self.rate = rate
         if self.guard is not None and (self.keep_heads or self.keep_channels):
             slices = self.omitted()
@@ -206,18 +246,21 @@ class SATController:
 
     def omitting(self):
         """Context for every forward + backward of the step: sliced layers, importance recorded in the same pass."""
-        return omit(self.model, self.keep_heads, self.keep_channels, self.tracker, shard=self._shard,
-                    micro_batches=self.emit_every, keep_slices=not self.zero3, selection=self.selection)
+        return self.family.omit(self.layers, self.keep_heads, self.keep_channels, self.tracker, self._shard,
+                                self.emit_every, not self.zero3, self.selection)
 
     def omitted(self) -> list[OmittedSlice]:
         """This step's omitted slices of the parameters this rank holds (local indices under TP)."""
-        return omitted_slices(self.layers, self.keep_heads, self.keep_channels, self._shard, self.selection)
+        return self.family.omitted_slices(self.layers, self.keep_heads, self.keep_channels, self._shard,
+                                          self.selection)
 
     def end_step(self) -> None:
         start = time.perf_counter()
         self.tracker.update()
         if self.guard is not None:
             self.guard.disarm()
+            self.bookkeeping_s += self.guard.seconds
+            self.guard.seconds = 0.0
         self.bookkeeping_s += time.perf_counter() - start
 
     def widths(self) -> list[LayerWidth]:
@@ -234,12 +277,11 @@ class SATController:
         """Kept units per layer, whole model (under TP the selection is global: count it, not the block)."""
         widths = {}
         for index, layer in self.layers.items():
-            config = layer.self_attn.config
-            q, kv, m = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+            shape = self.family.unit_shape(layer)
+            q, kv, m = shape.heads, shape.kv_heads, shape.channels
             if index in self.keep_heads:
-                groups = q // kv
                 q = len(self.keep_heads[index])
-                kv = len(torch.unique(self.keep_heads[index] // groups))
+                kv = len(torch.unique(self.keep_heads[index] // shape.groups))
             if index in self.keep_channels:
                 m = len(self.keep_channels[index])
             widths[index] = LayerWidth(q, kv, m)
@@ -252,7 +294,7 @@ class SATController:
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.rate, self.keep_heads, self.keep_channels = state["rate"], state["keep_heads"], state["keep_channels"]
-        self.selection = resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
+        self.selection = self.family.resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
 
 
 class NoSAT:

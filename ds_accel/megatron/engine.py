@@ -11,7 +11,6 @@ as AutoTP's, so the data sampler's ``rank // tp`` holds).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .. import runtime
 from ..config import ConfigError, TrainConfig
-from ..engine.sat import SATController, _on_host, frozen_fragments, gather_tp_scores
-from ..flops import LayerWidth
+from ..engine.sat import DecoderFamily
 from ..models import build_model, initial_value, resolve_dtype
 from ..parallel.tensor import TensorParallel
-from ..sat import ImportanceTracker, select
-from ..sat.optim_guard import OmittedSlice
 from . import sat as msat
 from .model import MegatronCausalLM, empty_gpt, hf_state_from_gpt, load_hf
 from .params import MegatronParams
@@ -86,72 +82,28 @@ def export_hf(engine: Any, conf: LlamaConfig, out_dir: Path, tokenizer: Any = No
     return out_dir
 
 
-class MegatronSATController(SATController):
-    """:class:`ds_accel.engine.sat.SATController` on a Megatron model: the same LORS rate, importance,
-    DP-averaged (and TP-gathered) selection and optimizer policy, with the layer structure of
-    :mod:`ds_accel.megatron.sat` (unit shape, Megatron's TP shard, sliced forward, omitted slices).
-
-    It overrides what reads HF's layer structure in the parent (sizing the tracker, resolving a
-    selection into HF rows, the FLOPs widths); the per-step flow is the parent's. Until
-    ``SATController`` takes a model family's description from ``ds_accel.structure``, ``begin_step``
-    repeats the parent's without its HF ``resolve`` (the sliced forward resolves its own indices).
-    """
-
-    def rebind(self, model: Any) -> None:
-        self.model = model
-        self.layers = msat.decoder_layers(model)
-        first = next(iter(self.layers.values()))
-        shape, shard = msat.unit_shape(first), msat.tensor_shard(first)
-        self.tp = None if shard is None else TensorParallel(
-            shard, parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_data_parallel_group())
-        self.tracker = ImportanceTracker(self.layers, shape.heads, shape.kv_heads, shape.channels, shape.head_dim,
-                                         decay=self.cfg.ema_decay, metric=self.cfg.metric, seed=self.seed,
-                                         device=first.mlp.linear_fc2.weight.device)
-        self.keep_heads, self.keep_channels = {}, {}
-        self.zero3 = False  # refused by check_config
-
-    def begin_step(self, step: int) -> float:
-        start = time.perf_counter()
-        rate = self.lors.rate(step)
-        if step % self.cfg.reselect_every == 0 or rate != self.rate:
-            if self.tp is not None:
-                gather_tp_scores(self.tracker, self.tp)
-            self._average_scores()
-            shards = self.tp.size if self.tp is not None and self.cfg.tp_selection == "balanced" else 1
-            heads, channels = select(_on_host(self.tracker), rate, self.cfg.granularity, num_shards=shards,
-                                     head_omission_rate=rate if self.cfg.heads else 0.0)
-            self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
-        self.rate = rate
-        if self.guard is not None and (self.keep_heads or self.keep_channels):
-            slices = self.omitted()
-            self.guard.arm(lambda: frozen_fragments(self.guard.optimizer, slices))
-        self.bookkeeping_s += time.perf_counter() - start
-        return rate
-
-    def omitting(self):
-        """The step's sliced forward and backward; weight slices taken once per optimizer step."""
-        return msat.omit(self.layers, self.keep_heads, self.keep_channels, self.tracker, self._shard,
-                         micro_batches=self.micro_batches)
-
-    def omitted(self) -> list[OmittedSlice]:
-        return msat.omitted_slices(self.layers, self.keep_heads, self.keep_channels, self._shard)
-
-    def _local_widths(self) -> dict[int, LayerWidth]:
-        widths = {}
-        for index, layer in self.layers.items():
-            shape = msat.unit_shape(layer)
-            q, kv, m = shape.heads, shape.kv_heads, shape.channels
-            if index in self.keep_heads:
-                q, kv = len(self.keep_heads[index]), len(torch.unique(self.keep_heads[index] // shape.groups))
-            if index in self.keep_channels:
-                m = len(self.keep_channels[index])
-            widths[index] = LayerWidth(q, kv, m)
-        return widths
-
-    def load_state_dict(self, state: dict) -> None:
-        self.tracker.load_state_dict(state["tracker"])
-        self.rate, self.keep_heads, self.keep_channels = state["rate"], state["keep_heads"], state["keep_channels"]
+def _tensor_parallel(model: Any) -> TensorParallel | None:
+    """Megatron's TP layout of a model, for SAT: this rank's block and Megatron's TP / DP groups."""
+    shard = msat.tensor_shard(next(iter(msat.decoder_layers(model).values())))
+    if shard is None:
+        return None
+    return TensorParallel(shard, parallel_state.get_tensor_model_parallel_group(),
+                          parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_group())
 
 
-__all__ = ["MegatronSATController", "check_config", "export_hf", "level_params", "new_model"]
+def _omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved):
+    return msat.omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches=micro_batches,
+                     keep_slices=keep_slices)
+
+
+# SAT on Megatron layers (ds_accel.engine.sat.SATController(family=MEGATRON)): the sliced forward resolves
+# its own indices each step, so there is nothing to resolve ahead
+MEGATRON = DecoderFamily(
+    decoder_layers=msat.decoder_layers, unit_shape=msat.unit_shape, tensor_parallel=_tensor_parallel,
+    resolve=lambda layers, keep_heads, keep_channels, shard: None, omit=_omit,
+    omitted_slices=lambda layers, keep_heads, keep_channels, shard, resolved:
+        msat.omitted_slices(layers, keep_heads, keep_channels, shard),
+    device=lambda layer: layer.mlp.linear_fc2.weight.device)
+
+
+__all__ = ["MEGATRON", "check_config", "export_hf", "level_params", "new_model"]

@@ -30,6 +30,7 @@ from torch import Tensor
 from transformers import LlamaConfig
 
 from ..config import ConfigError
+from ..structure import UnitShape
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_PARAMS = {  # HF name within a decoder layer -> Megatron name within a TransformerLayer
@@ -43,27 +44,6 @@ _LAYER_PARAMS = {  # HF name within a decoder layer -> Megatron name within a Tr
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
 }
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The unit counts of one decoder layer that SAT and the layouts need: query heads, KV heads,
-    head_dim, MLP channels (whole model, not per rank)."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    channels: int
-
-    @property
-    def groups(self) -> int:
-        """Query heads per KV head (1 without GQA)."""
-        return self.heads // self.kv_heads
-
-    @classmethod
-    def of(cls, config: LlamaConfig) -> Shape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim, config.intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -81,19 +61,19 @@ def _rows(starts: Tensor, width: int) -> Tensor:
     return (starts[:, None] + torch.arange(width, device=starts.device)).flatten()
 
 
-def qkv_q_rows(heads: Tensor, shape: Shape) -> Tensor:
+def qkv_q_rows(heads: Tensor, shape: UnitShape) -> Tensor:
     """Rows of the local linear_qkv holding the given local query heads (indices within the rank's block)."""
     g, d = shape.groups, shape.head_dim
     return _rows((heads // g) * (g + 2) * d + (heads % g) * d, d)
 
 
-def qkv_k_rows(kv_heads: Tensor, shape: Shape) -> Tensor:
+def qkv_k_rows(kv_heads: Tensor, shape: UnitShape) -> Tensor:
     """Rows of the local linear_qkv holding the keys of the given local KV heads."""
     g, d = shape.groups, shape.head_dim
     return _rows(kv_heads * (g + 2) * d + g * d, d)
 
 
-def qkv_v_rows(kv_heads: Tensor, shape: Shape) -> Tensor:
+def qkv_v_rows(kv_heads: Tensor, shape: UnitShape) -> Tensor:
     """Rows of the local linear_qkv holding the values of the given local KV heads."""
     return qkv_k_rows(kv_heads, shape) + shape.head_dim
 
@@ -124,7 +104,7 @@ def megatron_name(name: str, tied: bool) -> str:
 def placement(name: str, config: LlamaConfig, tp: int) -> Placement:
     """Where the HF parameter ``name`` lives on every TP rank (the local indices are the same on all)."""
     target, key = megatron_name(name, config.tie_word_embeddings), name.rsplit(".", 2)[-2]
-    shape = Shape.of(config)
+    shape = UnitShape.of(config)
     heads, kv, channels = shape.heads // tp, shape.kv_heads // tp, shape.channels // tp
     local = {
         "q_proj": (0, qkv_q_rows(torch.arange(heads), shape)),
@@ -148,5 +128,5 @@ def hf_names(config: LlamaConfig) -> list[str]:
         return [name for name, _ in LlamaForCausalLM(config).named_parameters()]
 
 
-__all__ = ["Placement", "Shape", "check_tp", "hf_names", "megatron_name", "placement", "qkv_k_rows", "qkv_q_rows",
+__all__ = ["Placement", "check_tp", "hf_names", "megatron_name", "placement", "qkv_k_rows", "qkv_q_rows",
            "qkv_v_rows"]

@@ -49,8 +49,8 @@ from torch import Tensor, nn
 
 from ..sat.omit import HeadSelection, StepSlices, to_device
 from ..sat.optim_guard import OmittedSlice
-from ..structure import KeepDict, TensorShard, head_rows, in_block, unique_indices
-from .layout import Shape, qkv_k_rows, qkv_q_rows, qkv_v_rows
+from ..structure import KeepDict, TensorShard, UnitShape, head_rows, in_block, unique_indices
+from .layout import qkv_k_rows, qkv_q_rows, qkv_v_rows
 from .params import unwrap_gpt
 
 if TYPE_CHECKING:
@@ -85,11 +85,11 @@ def decoder_layers(model_or_layers: Any) -> dict[int, TransformerLayer]:
     return dict(enumerate(unwrap_gpt(model_or_layers).decoder.layers))
 
 
-def unit_shape(layer: nn.Module) -> Shape:
+def unit_shape(layer: nn.Module) -> UnitShape:
     """Query heads, KV heads, head_dim and MLP channels of the whole layer (not of one TP rank's block);
     any Megatron module of the layer (its ``config``) will do."""
     c = layer.config
-    return Shape(c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels,
+    return UnitShape(c.num_attention_heads, c.num_query_groups or c.num_attention_heads, c.kv_channels,
                  c.ffn_hidden_size)
 
 

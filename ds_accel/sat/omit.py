@@ -114,7 +114,7 @@ def resolve(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
         raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
     out = {}
     for index, layer in layers.items():
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         config = attn.config
         heads = channels = None
         if index in keep_heads:

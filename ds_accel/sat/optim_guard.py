@@ -28,6 +28,7 @@ gradients leave zero moments, the same as their initial value.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def omitted_slices(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Ke
     selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
     slices: list[OmittedSlice] = []
     for index, layer in layers.items():
-        sel, attn, mlp = selection[index], layer.self_attn, layer.mlp
+        sel, attn = selection[index], layer.self_attn
         config = attn.config
         parts: list[tuple[str, int, Tensor]] = []
         if sel.heads is not None:
@@ -214,7 +215,8 @@ class OmittedStateGuard:
     ``arm(resolve)`` for a step: ``resolve()`` is called at the first inner step of that step (when the
     optimizer state exists) and returns the :class:`FrozenFragment` s; every inner ``step()`` then saves
     and restores those whose master lies in the tensors it steps (DeepSpeed's ZeRO-3 steps one sub-group
-    at a time). ``disarm()`` after the step. ``saved_elements`` is the size of the last snapshot.
+    at a time). ``disarm()`` after the step. ``saved_elements`` is the size of the last snapshot,
+    ``seconds`` the host time spent in the hooks so far.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -223,6 +225,7 @@ class OmittedStateGuard:
         self._fragments: list[FrozenFragment] | None = None
         self._saved: list[tuple[FrozenFragment, list[list[Tensor]]]] = []
         self.saved_elements = 0
+        self.seconds = 0.0
         self._handles = [optimizer.register_step_pre_hook(self._before),
                          optimizer.register_step_post_hook(self._after)]
 
@@ -241,6 +244,7 @@ class OmittedStateGuard:
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._resolve is None:
             return
+        start = time.perf_counter()
         if self._fragments is None:
             self._fragments = self._resolve()
         stepped = [_storage_range(p) for group in optimizer.param_groups for p in group["params"]]
@@ -250,13 +254,16 @@ class OmittedStateGuard:
             if any(a <= lo and hi <= b for a, b in stepped):
                 self._saved.append((f, [f.plan.save(view) for view in (f.master, *f.state)]))
         self.saved_elements = sum(f.plan.numel * (1 + len(f.state)) for f, _ in self._saved)
+        self.seconds += time.perf_counter() - start
 
     @torch.no_grad()
     def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        start = time.perf_counter()
         for f, saved in self._saved:
             for view, values in zip((f.master, *f.state), saved):
                 f.plan.restore(view, values)
         self._saved = []
+        self.seconds += time.perf_counter() - start
 
 
 def whole_parameter_fragments(optimizer: torch.optim.Optimizer, slices: Sequence[OmittedSlice]
