@@ -33,9 +33,15 @@ def export_hf(engine, conf: LlamaConfig, out_dir: Path, tokenizer=None) -> Path:
             value = full_param(p)
             if runtime.rank() == 0:
                 state[name] = value.cpu()
+    return write_hf(state, conf, out_dir, tokenizer)
+
+
+def write_hf(state: dict[str, torch.Tensor], conf: LlamaConfig, out_dir: Path, tokenizer=None) -> Path:
+    """Rank 0 writes the gathered HF-named ``state`` as a ``save_pretrained`` directory (a tied head may
+    be absent from it); every rank waits for it. Collective."""
     if runtime.rank() == 0:
         model = LlamaForCausalLM(conf)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict({n: v.cpu() for n, v in state.items()}, strict=False)
         tied = {"lm_head.weight"} if conf.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"export: state does not match the config (missing {missing}, unexpected {unexpected})")

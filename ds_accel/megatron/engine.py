@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
-from .. import runtime
 from ..config import ConfigError, TrainConfig
+from ..engine.export import write_hf
 from ..engine.sat import DecoderFamily
 from ..models import build_model, initial_value, resolve_dtype
 from ..parallel.tensor import TensorParallel
@@ -69,17 +68,7 @@ def level_params(model: Any, conf: LlamaConfig, optimizer: Any = None) -> Megatr
 def export_hf(engine: Any, conf: LlamaConfig, out_dir: Path, tokenizer: Any = None) -> Path:
     """A HF Llama directory of the engine's model (fp32 masters gathered over ZeRO and TP); collective,
     rank 0 writes ``save_pretrained`` output that ``LlamaForCausalLM.from_pretrained`` loads."""
-    state = hf_state_from_gpt(engine, conf)
-    if runtime.rank() == 0:
-        model = LlamaForCausalLM(conf)
-        model.load_state_dict({name: value.cpu() for name, value in state.items()}, strict=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out_dir))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir))
-    if dist.is_initialized():
-        dist.barrier()
-    return out_dir
+    return write_hf(hf_state_from_gpt(engine, conf), conf, out_dir, tokenizer)
 
 
 def _tensor_parallel(model: Any) -> TensorParallel | None:
