@@ -324,18 +324,19 @@ def one_thread() -> Iterator[None]:
 
 
 def checkpoint_state(path) -> dict[str, list[torch.Tensor]]:
-    """{name: [weight, exp_avg, exp_avg_sq]} from a single-process ZeRO-0 DeepSpeed checkpoint file
-    (``mp_rank_00_model_states.pt``): the module's weights and torch AdamW's state, whose parameter
-    indices run over the trainer's groups (matrices, then 1-D parameters, each in module order; a tied
-    head shares the embedding's storage and is one parameter)."""
+    """{name: [weight, exp_avg, exp_avg_sq]} from a single-process DeepSpeed checkpoint file
+    (``mp_rank_00_model_states.pt``): the module's weights and, under ZeRO-0, torch AdamW's state, whose
+    parameter indices run over the trainer's groups (matrices, then 1-D parameters, each in module order;
+    a tied head is the embedding's tensor and one parameter); moments None under ZeRO-1/2."""
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    module, storages = {}, set()
+    module, seen = {}, set()
     for name, value in saved["module"].items():
-        if value.untyped_storage().data_ptr() not in storages:
-            storages.add(value.untyped_storage().data_ptr())
+        key = (value.data_ptr(), tuple(value.shape))  # ZeRO-1/2 weights are views of one flat buffer
+        if key not in seen:
+            seen.add(key)
             module[name] = value
     order = [n for n, v in module.items() if v.dim() >= 2] + [n for n, v in module.items() if v.dim() < 2]
-    state = saved["optimizer"]["state"]
+    state = (saved["optimizer"] or {}).get("state", {})  # ZeRO-1/2 keep it in their own partition files
     return {name: [module[name].double()] + [state.get(i, {}).get(k) for k in MOMENTS]
             for i, name in enumerate(order)}
 

@@ -65,8 +65,20 @@ def corpus_and_conf(tmp_path_factory):
     return corpus, model_config(cfg.model, corpus.vocab_size)
 
 
-@pytest.mark.parametrize("policy", ["freeze", "adam"])
-def test_sat_trainer_equals_the_method_by_hand(tmp_path, corpus_and_conf, policy):
+RESUME_BUG = pytest.mark.xfail(strict=True, reason=(
+    "ds_accel bug: after a resume under ZeRO-1/2 the freeze guard misses the omitted rows' Adam moments for one "
+    "step: DeepSpeed's load_checkpoint leaves the _hp_mapping optimizer fragments unlinked until its own first "
+    "step links them (hp_fragment(p).state is empty), so only the master weight is written back; "
+    "ds_private.link_optimizer_state(engine.optimizer) after the load links them"))
+
+
+@pytest.mark.parametrize("policy,zero,stop", [("freeze", 0, None), ("adam", 0, None),
+                                              pytest.param("freeze", 1, 2, marks=RESUME_BUG)],
+                         ids=["freeze", "adam", "freeze-zero1-resumed"])
+def test_sat_trainer_equals_the_method_by_hand(tmp_path, corpus_and_conf, policy, zero, stop):
+    """``zero``, ``stop``: the DeepSpeed config (zero{zero}.json), and a step to stop at and resume from
+    (ZeRO-1 keeps the moments in its own partition files: weights only are compared there)."""
+    from conftest import REPO
     from ds_accel.config import from_dict
     from ds_accel.data import BlockSampler
     from ds_accel.trainer import train
@@ -76,7 +88,8 @@ def test_sat_trainer_equals_the_method_by_hand(tmp_path, corpus_and_conf, policy
     cfg = from_dict(tiny_overrides(out, sat={**SAT, "optimizer_policy": policy},
                                    optim={"lr": LR, "warmup_steps": WARMUP, "min_lr_ratio": 0.1, "weight_decay": 0.1,
                                           "micro_batch_size": MICRO, "grad_accum": ACCUM},
-                                   run={"total_steps": TOTAL, "eval_every": TOTAL, "seed": SEED, "save_every": 3}))
+                                   run={"total_steps": TOTAL, "eval_every": TOTAL, "seed": SEED, "save_every": 3},
+                                   deepspeed={"config": str(REPO / "ds_configs" / f"zero{zero}.json")}))
     sampler = BlockSampler(len(corpus.train), MICRO, ACCUM, 1, SEED)
     steps = [[corpus.train[sampler.indices(t, a, 0)] for a in range(ACCUM)] for t in range(TOTAL)]
     lrs = [_lr(t) for t in range(TOTAL)]
@@ -85,7 +98,9 @@ def test_sat_trainer_equals_the_method_by_hand(tmp_path, corpus_and_conf, policy
                                                         checkpoints=(3, 6))
         f32_losses, _, _, f32_ref, f32_hand = sat_reference(conf, SEED, cfg.sat, cfg.optim, steps, lrs,
                                                             torch.float32, selections=keeps, checkpoints=(3, 6))
-        train(cfg)
+        if stop is not None:
+            assert train(cfg, stop_after=stop) == {"stopped_at": stop}
+        train(cfg, resume=stop is not None)
     assert rates == RATES
     assert keeps[0][0] == {layer: [0, 1] for layer in range(4)}, "first step: no head seen, the lowest indices"
     assert keeps[1][0] == {layer: [2, 3] for layer in range(4)}, "second step: the heads never computed first"
@@ -111,5 +126,7 @@ def test_sat_trainer_equals_the_method_by_hand(tmp_path, corpus_and_conf, policy
         assert _score_error(sat_state["tracker"]["score"], hand[step]) <= 2 * score_f32 + 4 * ULP32
         f32 = deviation(f32_ref[step], ref[step], LR)
         assert f32["weight"] < 0.3 and f32["moment"] < 1e-2, "the float32 reference itself is far off"
-        err = deviation(checkpoint_state(root / "mp_rank_00_model_states.pt"), ref[step], LR)
+        got = checkpoint_state(root / "mp_rank_00_model_states.pt")
+        assert zero or all(m is not None for _, *moments in got.values() for m in moments), "moments missing"
+        err = deviation(got, ref[step], LR)
         assert all(err[k] <= 2 * f32[k] for k in err), (step, err, f32)
