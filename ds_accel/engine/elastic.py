@@ -15,7 +15,7 @@ when complete; the original is only read. The conversion holds:
   count, so one loader serves every target, a pipeline stage or an AutoTP block included. DeepSpeed's own
   ``load_universal`` restores a ZeRO optimizer from the converter's files by the engine's own parameter
   names: it can't fill a ZeRO-0 engine (torch's optimizer) nor move between HF and pipeline-layer
-  names. Where the engine state does not depend on the change (ZeRO-0 in fp32 over another
+  names. Where the engine state does not depend on the change (ZeRO-0 over another
   data-parallel size), DeepSpeed loads the original files as they are;
 * what DeepSpeed does not know, per new rank (``extra_rank{r}.pt``): the large model's kept shards for
   interpolation, re-cut for the new world (each rank reads only its range of the old shards); SAT's
@@ -114,11 +114,11 @@ def record(engine, layout: Layout) -> dict[str, Any]:
 
 
 def _engine_portable(saved: Layout, current: Layout) -> bool:
-    """DeepSpeed loads the saved files as they are: same layout, or ZeRO-0 in fp32 (every data-parallel
-    rank holds the whole model and torch's optimizer state) over another data-parallel size."""
+    """DeepSpeed loads the saved files as they are: same layout, or ZeRO-0 (every data-parallel rank holds
+    the whole model and optimizer state, rank 0 saves it) over another data-parallel size."""
     if saved.engine == current.engine:
         return True
-    zero0 = saved.zero_stage == current.zero_stage == 0 and saved.dtype == current.dtype == "fp32"
+    zero0 = saved.zero_stage == current.zero_stage == 0 and saved.dtype == current.dtype
     return zero0 and (saved.tp, saved.pp) == (current.tp, current.pp)
 
 
@@ -151,13 +151,12 @@ def check_resume(root: Path, current: Layout) -> Resume | None:
                               f"resume only on their own layout, this run has {current.describe()}; run on "
                               f"{saved.world} ranks with parallel.tp={saved.tp} and a ZeRO-{saved.zero_stage} "
                               "deepspeed.config")
-        if saved.zero_stage == 0 and saved.dtype == "fp32" and (saved.tp > 1 or saved.pp > 1) \
-                and not _engine_portable(saved, current):
+        if saved.zero_stage == 0 and (saved.tp > 1 or saved.pp > 1) and not _engine_portable(saved, current):
             raise ConfigError(f"deepspeed.config: {where} is a ZeRO-0 checkpoint with tensor or pipeline "
                               f"parallelism, which changes only its data-parallel size, this run has "
                               f"{current.describe()}; resume with a ZeRO-0 deepspeed.config, autotp_size={saved.tp}, "
-                              f"parallel.pp={saved.pp} and model.dtype=fp32 (write checkpoints under ZeRO-1 to "
-                              "change more)")
+                              f"parallel.pp={saved.pp} and model.dtype={saved.dtype} (write checkpoints under ZeRO-1 "
+                              "to change more)")
     return Resume(root, tag, current, rec)
 
 
@@ -233,9 +232,10 @@ class Resume:
                 try:
                     converted = [self._convert_engine(tmp / "params", config)
                                  if not _engine_portable(self.saved, self.current) else
-                                 "weights and Adam moments from DeepSpeed's files as they are (ZeRO-0, fp32)"]
+                                 "weights and Adam moments from DeepSpeed's files as they are (ZeRO-0)"]
                 except Exception as err:  # every rank raises, none waits in a barrier
                     error = f"resume: converting {self.root / self.tag} failed: {type(err).__name__}: {err}"
+                    shutil.rmtree(tmp, ignore_errors=True)
             error = _from_rank0(error)
             if error is not None:
                 raise RuntimeError(error)
@@ -273,7 +273,7 @@ class Resume:
     def _convert_engine(self, out: Path, config: LlamaConfig) -> str:
         """The layout-free engine state (see the module docstring), checked against ``config``'s parameters."""
         src, saved = self.root / self.tag, self.saved
-        if saved.zero_stage == 0 and saved.dtype == "fp32":
+        if saved.zero_stage == 0:
             states, how = _zero0_states(src, config), "read from ZeRO-0's model file"
         else:
             states, how = _universal_states(src, out.parent / ".universal", config.num_hidden_layers), \
@@ -398,20 +398,24 @@ def _tensor(saved: torch.Tensor | dict) -> torch.Tensor:
 
 
 def _zero0_states(src: Path, config: LlamaConfig) -> Iterator[tuple[str, dict]]:
-    """ZeRO-0 in fp32 (tp = pp = 1): DeepSpeed saves the model's state dict and torch's AdamW state, whose
-    parameters are numbered in the order of ``build.param_groups``."""
+    """ZeRO-0 (tp = pp = 1): DeepSpeed saves the model's state dict and torch's AdamW state, whose parameters
+    are numbered in the order of ``build.param_groups``; in bf16 its unfused mixed-precision optimizer wraps
+    that state and keeps the fp32 master of each parameter (``fp32_groups``), in fp32 the model is the master."""
     saved = torch.load(src / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
-    optim = saved["optimizer"]
+    wrapper = saved["optimizer"]
+    optim = wrapper.get("optimizer_state_dict", wrapper)
     ids = [i for group in optim["param_groups"] for i in group["params"]]
     if len(ids) != len(order):
         raise ValueError(f"the optimizer has {len(ids)} parameters, the level's model {len(order)}: the model "
                          "config differs from the checkpoint's")
-    for i, name in zip(ids, order):
-        yield name, {"fp32": saved["module"][name].float(), **{key: optim["state"][i][key] for key in MOMENTS}}
+    masters = [p for group in wrapper["fp32_groups"] for p in group] if "fp32_groups" in wrapper else None
+    for k, (i, name) in enumerate(zip(ids, order)):
+        fp32 = masters[k] if masters is not None else saved["module"][name]
+        yield name, {"fp32": fp32.float(), **{key: optim["state"][i][key] for key in MOMENTS}}
 
 
 def _load_params(engine, config: LlamaConfig, directory: Path, step: int) -> None:
