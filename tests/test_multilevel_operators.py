@@ -340,3 +340,54 @@ def test_other_errors():
     small = random_model(coalesced_config(config, 2, 2))
     with pytest.raises(ValueError, match="vocab_size"):
         decoalesce(small, make_config("mha", vocab_size=102))
+
+
+HF_RMS_NORM_FORWARD = modeling_llama.LlamaRMSNorm.forward  # read at import, before any test patches it
+
+
+@pytest.mark.parametrize("pairing", ["half", {"hidden": "adjacent", "mlp": "adjacent"}], ids=["half", "adjacent"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_width_decoalesce_preserves_function_with_hf_rms_norm(monkeypatch, tie, pairing):
+    """The same preservation as above through HF's own LlamaRMSNorm (this module's float64 patch undone),
+    which casts its input to float32, normalises there and casts back: every norm output carries float32
+    rounding (a few 2^-24 relative), and the small and the de-coalesced model may round differently (a mean
+    over d/2 features against one over d with every feature twice), so the logits agree to float32's
+    level, not float64's: 1e-5 of the largest logit over 2 layers (5 norms), where a wrong operator moves
+    them by O(1). Measured: 1.4e-7 with adjacent hidden pairing; 5e-16 with half, where the de-coalesced
+    hidden state is the small one twice over and float32 sums both alike."""
+    monkeypatch.undo()
+    assert modeling_llama.LlamaRMSNorm.forward is HF_RMS_NORM_FORWARD
+    large_config = make_config("gqa", tie=tie, layers=2)
+    small = random_model(coalesced_config(large_config, 2, 1, pairing), seed=3)
+    reference = logits(small)
+    torch.testing.assert_close(logits(decoalesce(small, large_config, pairing)), reference, rtol=1e-5,
+                               atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("pairing,order", [("half", [0, 1, 0, 1]),  # GQA: heads pair by `half` (see SHAPE_CASES)
+                                           ({"hidden": "adjacent", "mlp": "adjacent", "layers": "adjacent"}, [0, 0, 1, 1])],
+                         ids=["half", "adjacent"])
+@pytest.mark.parametrize("width", [1, 2])
+def test_depth_decoalesce_repeats_the_small_models_layers(pairing, order, width):
+    """What depth de-coalescing promises (spec: large layer j is a copy of the small layer its pair maps
+    to): not the small model's function (depth coalescing averages layers and does not preserve it), but
+    the small model with its decoder layers run in the order of G, half [0, 1, 0, 1] (the small model
+    stacked on itself), adjacent [0, 0, 1, 1] (each layer twice in place); with width de-coalescing as
+    well, exactly so (width preserves the function). Built by hand from the small model's own modules;
+    and coalescing the de-coalesced model gives the small model back (a pair of copies averages to itself)."""
+    import copy
+
+    large_config = make_config("gqa", layers=4)
+    small = random_model(coalesced_config(large_config, width, 2, pairing), seed=9)
+    repeated = copy.deepcopy(small)
+    repeated.model.layers = torch.nn.ModuleList([small.model.layers[i] for i in order])
+    repeated.config.num_hidden_layers = len(order)
+    large = decoalesce(small, large_config, pairing)
+    ids = torch.tensor([[3, 17, 42, 99, 0, 7, 64, 5]])
+    with torch.no_grad():  # no KV cache: the repeated modules share their layer index
+        reference, got = (m(input_ids=ids, use_cache=False).logits for m in (repeated, large))
+    assert not torch.allclose(reference, logits(small), rtol=1e-3), "repeating the layers must change the function"
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-10 * reference.abs().max().item())
+    again = coalesce(large, width, 2, pairing).state_dict()
+    for name, param in small.state_dict().items():
+        torch.testing.assert_close(again[name], param, rtol=0, atol=1e-12)
