@@ -223,6 +223,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     sat = _sat_controller(cfg, engine)
     if tag is not None:
         kept = resumed.load(engine, sat, stage)  # converts a checkpoint of another layout first
+        sat.attach(engine.optimizer)  # the load replaced the optimizer state that SAT's policy hooks read
     log = MetricsLog(out, state.history, enabled=rank == 0)
     bar = _progress(cfg, state.step) if rank == 0 else None
 

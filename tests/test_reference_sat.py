@@ -65,15 +65,8 @@ def corpus_and_conf(tmp_path_factory):
     return corpus, model_config(cfg.model, corpus.vocab_size)
 
 
-RESUME_BUG = pytest.mark.xfail(strict=True, reason=(
-    "ds_accel bug: after a resume under ZeRO-1/2 the freeze guard misses the omitted rows' Adam moments for one "
-    "step: DeepSpeed's load_checkpoint leaves the _hp_mapping optimizer fragments unlinked until its own first "
-    "step links them (hp_fragment(p).state is empty), so only the master weight is written back; "
-    "ds_private.link_optimizer_state(engine.optimizer) after the load links them"))
-
-
 @pytest.mark.parametrize("policy,zero,stop", [("freeze", 0, None), ("adam", 0, None),
-                                              pytest.param("freeze", 1, 2, marks=RESUME_BUG)],
+                                              ("freeze", 1, 2)],
                          ids=["freeze", "adam", "freeze-zero1-resumed"])
 def test_sat_trainer_equals_the_method_by_hand(tmp_path, corpus_and_conf, policy, zero, stop):
     """``zero``, ``stop``: the DeepSpeed config (zero{zero}.json), and a step to stop at and resume from

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import SATConfig
-from ..ds_private import LocalFragment, gradient_every_backward, hp_fragment, zero3_fragment
+from ..ds_private import LocalFragment, gradient_every_backward, hp_fragment, link_optimizer_state, zero3_fragment
 from ..flops import LayerWidth
 from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
@@ -206,13 +206,17 @@ class SATController:
                             zero.register_external_parameter(owner, p)
 
     def attach(self, optimizer: Any) -> None:
-        """Hook the ``freeze`` policy into the optimizer that will step this model (a new engine's), and
-        learn whether it needs every parameter's gradient at every backward (then the weight slices hand
-        theirs over per micro-batch; they are still gathered once per step)."""
+        """Hook the ``freeze`` policy into the optimizer that will step this model (a new engine's, or one
+        whose state a checkpoint load replaced: attach again then), and learn whether it needs every
+        parameter's gradient at every backward (then the weight slices hand theirs over per micro-batch;
+        they are still gathered once per step). Under ZeRO-1/2 the moment fragments the guard reads are
+        (re)linked to the optimizer's current state tensors."""
         if self.guard is not None:
             self.guard.remove()
         self.guard = OmittedStateGuard(inner_optimizer(optimizer)) if self.cfg.optimizer_policy == "freeze" else None
         self.emit_every = 1 if gradient_every_backward(optimizer) else self.micro_batches
+        if hasattr(optimizer, "bit16_groups"):  # ZeRO-1/2 after a checkpoint load: its fragments are stale
+            link_optimizer_state(optimizer)
 
     @property
     def _shard(self):
