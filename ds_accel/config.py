@@ -220,7 +220,8 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Semantic checks that need more than one field; the model-shape checks run in the trainer
-    once the model config is known (see ``multilevel_plan`` and ``parallel``)."""
+    once the model config is known (``trainer._check_layout``: ``multilevel.vcycle.level_configs``,
+    ``parallel.pipeline.validate_layout``, ``parallel.tensor.validate_tp``)."""
     for path, choices in _CHOICES.items():
         section, name = path.split(".")
         value = getattr(getattr(cfg, section), name)
