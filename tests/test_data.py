@@ -27,14 +27,22 @@ def test_pack_puts_eos_between_documents():
 def test_split_is_disjoint_and_sized():
     blocks = torch.arange(400).reshape(100, 4)
     train, val = split_blocks(blocks, 0.1)
-    assert len(val) == 10 and len(train) == 90
-    assert not set(train[:, 0].tolist()) & set(val[:, 0].tolist())
+    assert val[:, 0].tolist() == [4 * b for b in range(9, 100, 10)]  # every 10th block, none shared
+    assert train[:, 0].tolist() == [4 * b for b in range(100) if b % 10 != 9]
 
 
 def test_prepare_on_bundled_corpus():
-    corpus = prepare(DataConfig(seq_len=32, max_chars=50_000, vocab_size=400))
-    assert corpus.train.shape[1] == 32 and len(corpus.val) > 0
-    assert corpus.train.max() < corpus.vocab_size and (corpus.train == corpus.eos_id).any()
+    """The blocks are the documents' tokens (BOS first, as Llama-2), EOS after each, cut into seq_len pieces,
+    every 20th block held out (val_fraction 0.05): rebuilt here from the tokenizer alone."""
+    cfg = DataConfig(seq_len=32, max_chars=50_000, vocab_size=400)
+    corpus = prepare(cfg)
+    tokenizer = load_tokenizer(corpus.tokenizer_dir)
+    stream = [t for ids in tokenizer(load_texts(cfg))["input_ids"] for t in ids + [corpus.eos_id]]
+    blocks = torch.tensor(stream[: len(stream) // 32 * 32]).view(-1, 32)
+    assert stream[0] == corpus.bos_id == 1 and len(blocks) > 100
+    assert torch.equal(corpus.val, blocks[19::20])
+    assert torch.equal(corpus.train, blocks[torch.arange(len(blocks)) % 20 != 19])
+    assert corpus.vocab_size == 400
 
 
 def test_missing_and_empty_files_give_clear_errors(tmp_path):
