@@ -31,6 +31,7 @@ def test_stats_and_range_comparison():
     assert compare(stats([2.8, 2.9]), dense) == "lower"
     assert compare(stats([3.3, 3.4]), dense) == "higher"
     assert compare(stats([2.9, 3.1]), dense) == "overlap"
+    assert compare(stats([2.0]), stats([3.0])) == "one seed"  # no range to separate
 
 
 def run(seed, curve, steps=4):
@@ -152,5 +153,5 @@ def test_plan_lays_methods_over_equal_compute_and_equal_steps(monkeypatch):
     assert plan["equal_compute"]["sat"] > 600 and plan["equal_compute"]["vcycle"] > 600
     assert plan["equal_compute"]["sat-random"] == plan["equal_compute"]["sat"]
     assert plan["equal_compute"]["vcycle+sat"] > plan["equal_compute"]["sat"]
-    with pytest.raises(ValueError, match="--methods: sat-weight not in the scratch scenario"):
+    with pytest.raises(ConfigError, match="--methods: sat-weight not in the scratch scenario"):
         Scenario.build("scratch", methods=["sat-weight"])

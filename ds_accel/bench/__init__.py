@@ -4,8 +4,8 @@ Two scenarios (:mod:`.scenarios`): ``cpt``, continual pretraining of a base mode
 (:mod:`.base`, cached) on the Python standard library's sources; ``scratch``, a random initialisation
 trained on the KJV. Every run is its own process (:mod:`.runs`); the figures are means and ranges over
 seeds, paired with dense's run of the same seed (:mod:`.report`). Each scenario writes
-``results.json``, ``results.md`` and ``loss_vs_cost*.png``; CPT also the base model's curve (``base/``),
-scratch the SAT step micro-benchmark (``sat_step.json``).
+``results.json``, ``results.md`` and ``loss_vs_cost*.png``, and CPT the base model's curve (``base/``).
+``--step-only`` runs the SAT step micro-benchmark (:mod:`ds_accel.step_bench`) instead.
 """
 
 from __future__ import annotations
@@ -42,29 +42,25 @@ def run_scenario(name: str, args, out: Path) -> dict:
     if name == "cpt":
         extra["base"] = scenario.base_record(out / "base")
     executed = execute(scenario, seeds, out, reuse=args.reuse)
-    step = None
-    if name == "scratch" and not args.skip_step_bench:
-        step_started = time.perf_counter()
-        step = step_bench.run(quick=args.quick)
-        (out / "sat_step.json").write_text(json.dumps(step, indent=1))
-        extra["step_bench_s"] = time.perf_counter() - step_started
     extra["timing_s"] = {"base_pretraining": scenario.base_s, "runs": executed["runs_s"],
                          "total": time.perf_counter() - started}
     summary = summarize(name, seeds, executed, extra)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     cfg = scenario.config
-    what = (f"base {Path(cfg['model']['pretrained']).parent.name if scenario.base_dir else cfg['model']['pretrained']}"
-            f" on data.corpus {cfg['data'].get('corpus', 'kjv')}" if name == "cpt"
-            else f"preset {cfg['model']['preset']} on the KJV")
+    if name == "cpt":
+        base = scenario.base_dir.name if scenario.base_dir else cfg["model"]["pretrained"]
+        what = f"base {base} continued on data.corpus {cfg['data']['corpus']}"
+    else:
+        what = f"preset {cfg['model']['preset']} on the KJV"
     header = (f"ds-accel bench --scenario {name}{' --quick' if args.quick else ''}: {what}, dense "
               f"{summary['steps']['equal_compute']['dense']} steps, on {extra['machine']}")
-    table = markdown(summary, header, None if step is None else step_bench.table(step))
+    table = markdown(summary, header)
     (out / "results.md").write_text(table)
     plot(summary, out / "loss_vs_cost.png", f"{name}: equal compute")
     plot(summary["equal_steps"], out / "loss_vs_cost_equal_steps.png", f"{name}: equal steps")
     print("\n" + table)
     print(f"written: {out}/results.json, results.md, loss_vs_cost.png, loss_vs_cost_equal_steps.png"
-          + (", base/" if name == "cpt" and scenario.base_dir else "") + (", sat_step.json" if step else ""))
+          + (", base/" if name == "cpt" and scenario.base_dir else ""))
     return summary
 
 
@@ -75,6 +71,9 @@ def cmd_bench(args) -> int:
         print("ds-accel: error: --seeds: must be >= 1", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if args.step_only:
+        step_bench.step_only(out, args.quick)
+        return 0
     if args.base_only:
         scenario = Scenario.build("cpt", args.quick, args.size, None)
         print(f"base model: {scenario.base_dir}")
@@ -103,7 +102,9 @@ def add_parser(sub) -> None:
                    help="comma list (dense always runs); cpt: " + ", ".join(SCENARIO_METHODS["cpt"])
                         + "; scratch: " + ", ".join(SCENARIO_METHODS["scratch"]))
     p.add_argument("--reuse", action="store_true", help="read runs already finished in OUT with the same config")
-    p.add_argument("--skip-step-bench", action="store_true", help="scratch: skip the SAT step micro-benchmark")
+    p.add_argument("--step-only", action="store_true",
+                   help="only the SAT step micro-benchmark on this machine's device (and, on CPU, the ZeRO-1 "
+                        "bookkeeping share): OUT/sat_step.json and sat_step.md")
     p.set_defaults(func=cmd_bench)
 
 

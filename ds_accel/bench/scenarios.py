@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import budget
-from ..config import PACKAGE_CONFIGS, from_dict
+from ..config import PACKAGE_CONFIGS, ConfigError, from_dict
 from .base import pretrained_base
 from .runs import merge, run_method
 
@@ -75,7 +75,6 @@ class Scenario:
     methods: list[str]
     base_dir: Path | None = None  # CPT: the base model's run dir (export/ holds the HF model and tokenizer)
     base_s: float = 0.0  # wall-clock of pretraining the base in this invocation (0: cached)
-    notes: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, name: str, quick: bool = False, preset: str | None = None, base: str | None = None,
@@ -88,7 +87,7 @@ class Scenario:
         chosen = SCENARIO_METHODS[name] if methods is None else ["dense"] + [m for m in methods if m != "dense"]
         unknown = sorted(set(chosen) - set(SCENARIO_METHODS[name]))
         if unknown:
-            raise ValueError(f"--methods: {', '.join(unknown)} not in the {name} scenario "
+            raise ConfigError(f"--methods: {', '.join(unknown)} not in the {name} scenario "
                              f"({', '.join(SCENARIO_METHODS[name])})")
         if name == "scratch":
             if preset:
@@ -128,7 +127,6 @@ class Scenario:
             views["equal_compute"][method] = steps if method == "dense" else budget.steps_for_budget(cfg, vocab, spend)
             if method in EQUAL_STEPS:
                 views["equal_steps"][method] = steps
-        self.notes["dense_flops"] = spend
         return views
 
     def source_blocks(self):
