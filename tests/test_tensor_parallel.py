@@ -202,11 +202,6 @@ def test_validate_tp_names_the_field_and_the_fix():
 
 
 @pytest.mark.distributed
-@pytest.mark.xfail(strict=True, reason=(
-    "ds_accel bug (see test_reference_sat's freeze-zero1-resumed): after the resume the freeze guard misses the "
-    "omitted rows' Adam moments for one step under ZeRO-1 (optimizer fragments unlinked after load_checkpoint); "
-    "the exported weights then differ from one process by 1.4e-2 of a tensor's largest entry (3e-7 without the "
-    "resume, and under 1e-4 with link_optimizer_state after the load), while the losses stay within 1e-4"))
 def test_trainer_vcycle_and_sat_tp2_equal_one_process_and_resume_mid_level(tmp_path):
     """The whole trainer under tp=2 (ds_configs/tp2.json): a V-cycle in depth (TP splits heads, so the
     levels keep their width here) with SAT at the global top-k, which is then the single process's
