@@ -30,6 +30,18 @@ def _curve(rows):
 @pytest.mark.distributed
 @pytest.mark.parametrize("sat", [False, True], ids=["dense", "sat"])
 def test_pipeline_trainer_matches_one_process(tmp_path, sat):
+    """pp=2 against one process at the default ``optim.eps`` (1e-8); with SAT also against the method driven
+    by hand in float64 (tests/reference.py: LORS 0.5 .. 0 over 8 steps, importance, whole-GQA-group top-k
+    per layer, which each stage does for its own layers, masked dense model, torch AdamW with the freeze
+    write-back), so an optimizer-path bug that the V-cycle test's larger eps would damp cannot hide.
+
+    Tolerance of the reference comparison, from float error (tests/test_reference_sat.py argues it): the
+    stages' gradients, the tied embedding's two halves and the clipping norm are summed in another order
+    than in one process, and Adam turns a gradient rounding d into up to lr d / (4 eps) near |g| = eps;
+    the same reference in float32 measures float32's own deviation from float64 (e32: largest and RMS
+    weight error in units of lr), and the run's exported weights must stay within 2 e32 (losses: 2 e32 +
+    4 float32 ulps). A stage stepping with a missing micro-batch, or the tied head's gradient left out of
+    the embedding, is an error of order lr."""
     extra = {"sat": SAT} if sat else {}
     single = tiny_overrides(tmp_path / "single", optim={"grad_accum": 2}, run={"export": True}, **extra)
     piped = tiny_overrides(tmp_path / "pp2", optim={"grad_accum": 2}, run={"export": True}, parallel={"pp": 2},
@@ -42,6 +54,10 @@ def test_pipeline_trainer_matches_one_process(tmp_path, sat):
         assert v1 is None or v2 == pytest.approx(v1, rel=2e-5)
     if sat:
         assert {r for *_, r in _curve(rows)} >= {0.5, 0.0}
+        from reference import check_sat_run
+
+        assert "eps" not in piped["optim"]
+        check_sat_run(piped, rows, result["export_dir"])
 
     import torch
     from ds_accel.engine.export import load_exported
@@ -92,28 +108,3 @@ def test_pipeline_vcycle_with_sat_matches_one_process_and_resumes_mid_level(tmp_
         assert l2 == pytest.approx(l1, rel=5e-5), s1
         assert v1 is None or v2 == pytest.approx(v1, rel=5e-5), s1
     assert {r for *_, r in _curve(rows)} >= {0.5, 0.0}
-
-
-@pytest.mark.distributed
-def test_pipeline_trainer_sat_at_the_default_eps_matches_the_method_by_hand(tmp_path):
-    """The trainer under pp=2 at the real ``optim.eps`` (1e-8), against SAT driven by hand in float64
-    (tests/reference.py: LORS, importance, whole-GQA-group top-k per layer, which each stage does for its own
-    layers, masked dense model, torch AdamW with the freeze write-back): 4 steps at rates 0.5, 0.5, 0.5, 0
-    over 2 pipeline micro-batches, weight decay and clipping, so that an optimizer-path bug that the larger
-    eps of the V-cycle test above would damp cannot hide.
-
-    Tolerance from float error, as tests/test_reference_sat.py argues: the stages' gradients, the tied
-    embedding's two halves and the clipping norm are summed in another order than in one process, and Adam
-    turns a gradient rounding d into up to lr d / (4 eps) near |g| = eps; the same reference in float32
-    measures float32's own deviation from float64 (e32: largest and RMS weight error in units of lr), and
-    the run must stay within 2 e32 (losses: 2 e32 + 4 float32 ulps). A stage stepping with a stale or
-    missing micro-batch, or the tied head's gradient left out of the embedding, is an error of order lr."""
-    from reference import check_sat_run
-
-    cfg = tiny_overrides(tmp_path / "pp2", run={"total_steps": 4, "eval_every": 4, "export": True},
-                         optim={"micro_batch_size": 2, "grad_accum": 2, "weight_decay": 0.1},
-                         sat={**SAT, "omission_rate": 0.5, "stage1_fraction": 0.5, "rungs": 2}, parallel={"pp": 2},
-                         deepspeed={"config": str(REPO / "ds_configs" / "pp2.json")})
-    assert "eps" not in cfg["optim"]
-    rows = run_ranks(train_rows, 2, cfg)[0]
-    check_sat_run(cfg, rows, tmp_path / "pp2" / "export")
