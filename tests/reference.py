@@ -189,6 +189,11 @@ class HandSAT:
 
     def __init__(self, conf: LlamaConfig, sat, total_steps: int, shards: int = 1, dtype: torch.dtype = torch.float64):
         """``dtype``: of the statistics and scores (the reference model's, so a float32 twin rounds as float32)."""
+        implemented = ("ladder", "activation", "topk", True, True, 1)
+        given = (sat.schedule, sat.metric, sat.selection, sat.heads, sat.channels, sat.reselect_every)
+        if given != implemented:
+            raise ValueError(f"HandSAT implements (schedule, metric, selection, heads, channels, reselect_every) = "
+                             f"{implemented}, got {given}")
         self.conf, self.sat, self.total, self.shards = conf, sat, total_steps, shards
         L = conf.num_hidden_layers
         self.n = {"heads": conf.num_attention_heads, "channels": conf.intermediate_size}

@@ -65,7 +65,6 @@ def _sat_steps(tp: int, replay: list | None):
     from ds_accel.engine.params import full_param
     from ds_accel.engine.sat import SATController, frozen_fragments
     from ds_accel.sat import select
-    from ds_accel.sat.omit import resolve
 
     def local_copies(p, step):
         """The fp32 master and, after the first step, the Adam moments of this rank's block."""
@@ -74,7 +73,7 @@ def _sat_steps(tp: int, replay: list | None):
     def impose(keep_heads, keep_channels):
         """Replace the selection ``begin_step`` made (and the freeze guard it armed) by the chosen one."""
         sat.keep_heads, sat.keep_channels = keep_heads, keep_channels
-        sat.selection = resolve(sat.layers, keep_heads, keep_channels, sat.tp.shard if sat.tp else None)
+        sat.selection = sat.family.resolve(sat.layers, keep_heads, keep_channels, sat.tp.shard if sat.tp else None)
         slices = sat.omitted()
         sat.guard.arm(lambda: frozen_fragments(sat.guard.optimizer, slices))
 
