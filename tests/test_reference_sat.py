@@ -20,9 +20,10 @@ error in units of lr, largest moment error relative to the moment's largest entr
 relative to the layer's largest score), and the trainer must stay within 2 e32 of it; for the losses and
 scores, single float32 numbers that two float32 computations of one value can round a few units in the
 last place apart whatever e32 is, within 2 e32 + 4 ulp (2^-23 relative each). A unit updated
-that should be frozen, or frozen that should move, is an error of order lr on its rows (the ``adam``
-policy's rows move by ~0.1 lr through decay and momentum alone: asserted below); a wrong selection
-changes the loss at the next step at the 1e-3 level, thousands of times float32's 1e-7.
+that should be frozen, or frozen that should move, is an error of order lr on its rows (the ``adam`` and
+``freeze`` references on the same selections end 3.9 lr apart in the largest weight, 1.0 lr RMS: asserted
+below); one channel of 176 swapped in one layer at one step changes that step's loss by 3e-5 relative,
+about 50 times the losses' bound (measured).
 """
 
 import json
