@@ -117,6 +117,7 @@ class SATConfig:
     heads: bool = True  # omit attention heads
     channels: bool = True  # omit MLP channels
     tp_selection: str = "balanced"  # under TP: balanced (same count per TP rank, no waiting) | global (top-k)
+    optimizer_policy: str = "freeze"  # freeze (omitted weights and Adam moments unchanged by the step) | adam (stock AdamW sees their zero gradient)
 
 
 @dataclass
@@ -158,6 +159,7 @@ _CHOICES = {
     "sat.selection": ("topk", "sample"),
     "sat.granularity": ("head", "kv_group"),
     "sat.tp_selection": ("balanced", "global"),
+    "sat.optimizer_policy": ("freeze", "adam"),
 }
 
 
