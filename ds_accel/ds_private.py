@@ -48,6 +48,19 @@ def zero3_fragment(p: torch.nn.Parameter, moments: tuple[str, ...]) -> LocalFrag
     return LocalFragment(start, numel, flat.narrow(0, offset, numel), views)
 
 
+def has_hp_mapping(p: torch.nn.Parameter) -> bool:
+    """Whether a ZeRO-1/2 (or bf16) optimizer manages ``p`` through a fragment mapping (private
+    ``_hp_mapping``; None on a rank whose partition holds none of ``p``)."""
+    return hasattr(p, "_hp_mapping")
+
+
+def zero3_flat_groups(optimizer: Any) -> list[Tensor] | None:
+    """The flat fp32 sub-groups a ZeRO-3 optimizer steps (private ``fp32_partitioned_groups_flat``: they sit
+    in the torch optimizer's param groups only during its step, so no public API lists them); None for
+    other optimizers."""
+    return getattr(optimizer, "fp32_partitioned_groups_flat", None)
+
+
 def hp_fragment(p: torch.nn.Parameter, moments: tuple[str, ...]) -> LocalFragment | None:
     """This rank's fragment of ``p`` in the fp32 partition of ZeRO-1/2 (and of the bf16 optimizer).
 
@@ -65,21 +78,31 @@ def hp_fragment(p: torch.nn.Parameter, moments: tuple[str, ...]) -> LocalFragmen
                          tuple(optim[key].view(-1) for key in moments if key in optim))
 
 
-def link_optimizer_state(zero_optimizer: Any) -> None:
-    """Link every parameter's moment fragments under ZeRO-1/2, once the optimizer state exists.
+def link_optimizer_state(optimizer: Any) -> None:
+    """Link every parameter's moment fragments (``_hp_mapping.optim_fragment``) to the optimizer's current
+    state tensors: ZeRO-1/2 and the bf16 optimizer (ZeRO-0 in bf16); other optimizers need nothing.
 
-    DeepSpeed 0.19's ZeRO-1/2 steps its parameter groups one at a time and links the fragments after
-    the first group's step only (``_hp_optimizer_states_linked``), so every later group (ours: the
-    undecayed norms) keeps empty fragments and ``safe_get_full_optimizer_state`` raises for them.
-    Private: ``bit16_groups``, ``single_partition_of_fp32_groups``; the linking function itself is
-    DeepSpeed's (``deepspeed.utils.mixed_precision_linkage``).
+    DeepSpeed 0.19 links them once, after its first optimizer step, and never again: ZeRO-1/2 steps its
+    parameter groups one at a time and links after the first group's step, so every later group (ours:
+    the undecayed norms) keeps empty fragments and ``safe_get_full_optimizer_state`` raises for them; a
+    checkpoint load replaces the state tensors, and state created before the first step (a V-cycle
+    level's transferred moments) is not linked at all. Private: ``bit16_groups``,
+    ``single_partition_of_fp32_groups``, ``_hp_optimizer_states_linked``,
+    ``_lazy_init_hp_params_optimizer_state``; the linking function itself is DeepSpeed's
+    (``deepspeed.utils.mixed_precision_linkage``).
     """
-    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+    state = getattr(getattr(optimizer, "optimizer", None), "state", None)
+    if not state:  # nothing to link yet (linking now would stop DeepSpeed linking after its first step)
+        return
+    if hasattr(optimizer, "bit16_groups"):
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    state = zero_optimizer.optimizer.state
-    for params, flat in zip(zero_optimizer.bit16_groups, zero_optimizer.single_partition_of_fp32_groups):
-        if flat in state:
-            lazy_init_hp_params_optimizer_state(params, flat, state)
+        for params, flat in zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups):
+            if flat in state:
+                lazy_init_hp_params_optimizer_state(params, flat, state)
+    elif hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def gradient_every_backward(optimizer: Any) -> bool:
@@ -101,12 +124,6 @@ def gradient_every_backward(optimizer: Any) -> bool:
     return False
 
 
-def zero3_optimizer_of(p: torch.nn.Parameter) -> Any:
-    """The ZeRO-3 optimizer holding ``p`` (private ``_z3_optimizer``; DeepSpeed sets it on every
-    partitioned parameter and exposes it publicly only through the ``safe_*`` helpers)."""
-    return p._z3_optimizer
-
-
 def autotp_layer(p: torch.nn.Parameter) -> Any:
     """The AutoTP layer that split ``p``, or None.
 
@@ -114,7 +131,14 @@ def autotp_layer(p: torch.nn.Parameter) -> Any:
     the only link from a parameter to its layer (which holds ``tp_index``, ``mp_group``,
     ``tp_world_size``); DeepSpeed has no public "which TP block is this" query.
     """
-    return getattr(getattr(p, "gather_params", None), "__self__", None)
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+
+    layer = getattr(getattr(p, "gather_params", None), "__self__", None)
+    meta = getattr(p, DS_AUTOTP_UC_META, None)
+    if layer is None and meta is not None and not meta["replicated"] and meta["partition_dim"] is not None:
+        raise RuntimeError("ds_private.autotp_layer: this DeepSpeed splits a parameter for AutoTP but no longer binds "
+                           "its layer's gather_params to it; ds_accel's tensor-parallel support needs updating")
+    return layer
 
 
 def pipeline_local_specs(pipe: Any) -> tuple[list[Any], range]:
@@ -140,6 +164,5 @@ def skip_shm_op_build() -> None:
     module.build_shm_op = lambda: None
 
 
-__all__ = ["LocalFragment", "autotp_layer", "gradient_every_backward", "hp_fragment", "link_optimizer_state", "pipeline_local_specs",
-           "skip_shm_op_build",
-           "zero3_fragment", "zero3_optimizer_of"]
+__all__ = ["LocalFragment", "autotp_layer", "gradient_every_backward", "has_hp_mapping", "hp_fragment",
+           "link_optimizer_state", "pipeline_local_specs", "skip_shm_op_build", "zero3_flat_groups", "zero3_fragment"]

@@ -9,7 +9,6 @@ engine code runs under ``python`` and under the ``deepspeed`` launcher.
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 
@@ -35,7 +34,9 @@ def setup_process(local_world: int | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         if os.environ.get("DS_ACCEL_SHM_OP", "0") != "1":
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+            from .ds_private import skip_shm_op_build
+
+            skip_shm_op_build()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import SATConfig
-from ..ds_private import LocalFragment, gradient_every_backward, hp_fragment, link_optimizer_state, zero3_fragment
+from ..ds_private import (LocalFragment, gradient_every_backward, has_hp_mapping, hp_fragment, link_optimizer_state,
+                          zero3_fragment)
 from ..flops import LayerWidth
 from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
@@ -62,7 +63,7 @@ def _local_fragment(p: torch.nn.Parameter, inner: torch.optim.Optimizer) -> Loca
     if is_zero3(p):
         return zero3_fragment(p, _MOMENTS)
     mapped = hp_fragment(p, _MOMENTS)
-    if mapped is not None or hasattr(p, "_hp_mapping"):
+    if mapped is not None or has_hp_mapping(p):
         return mapped
     state = inner.state.get(p, {})
     return LocalFragment(0, p.numel(), p.data.view(-1), tuple(state[k].view(-1) for k in _MOMENTS if k in state))
@@ -215,8 +216,7 @@ class SATController:
             self.guard.remove()
         self.guard = OmittedStateGuard(inner_optimizer(optimizer)) if self.cfg.optimizer_policy == "freeze" else None
         self.emit_every = 1 if gradient_every_backward(optimizer) else self.micro_batches
-        if hasattr(optimizer, "bit16_groups"):  # ZeRO-1/2 after a checkpoint load: its fragments are stale
-            link_optimizer_state(optimizer)
+        link_optimizer_state(optimizer)  # after a checkpoint load the ZeRO-1/2 / bf16 fragments are stale
 
     @property
     def _shard(self):

@@ -38,7 +38,7 @@ from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimiz
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .. import runtime
-from ..ds_private import link_optimizer_state
+from ..ds_private import link_optimizer_state, zero3_flat_groups
 from ..multilevel.operators import (
     LevelMap,
     coalesce_grad,
@@ -98,24 +98,6 @@ def set_full_moment(p: torch.nn.Parameter, value: torch.Tensor, key: str, optimi
         safe_set_full_optimizer_state(p, value.float(), key)
 
 
-def link_moments(optimizer: Any) -> None:
-    """Point every parameter's ZeRO-1/2 (and bf16) fragment at its Adam moments, which
-    ``safe_get/set_full_optimizer_state`` read and write, for every parameter group with state.
-
-    DeepSpeed links them after its first optimizer step, and ZeRO-1/2 only for its first parameter
-    group (``ds_private.link_optimizer_state``); the bf16 optimizer links all groups, once (private
-    ``_hp_optimizer_states_linked``, ``_lazy_init_hp_params_optimizer_state``), so state created before
-    the first step (``init_adam_state``) needs linking again.
-    """
-    if not inner_optimizer(optimizer).state:
-        return
-    if hasattr(optimizer, "bit16_groups"):
-        link_optimizer_state(optimizer)
-    elif hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-
-
 def adam_step(optimizer: Any) -> int:
     """The step count of an optimizer's Adam state (the same for every parameter: all step together)."""
     steps = [int(state["step"]) for state in inner_optimizer(optimizer).state.values() if "step" in state]
@@ -131,10 +113,10 @@ def init_adam_state(optimizer: Any, step: int) -> None:
     (its ``step`` hosted on the device when fused or capturable, else on the CPU). DeepSpeed private
     API, as no public one creates optimizer state before a step: under ZeRO-3 the torch optimizer's
     parameters are the flat fp32 sub-groups ``fp32_partitioned_groups_flat`` (set into its param groups
-    only during a step); ZeRO-1/2 and bf16 fragments are linked by ``link_moments``.
+    only during a step); ZeRO-1/2 and bf16 fragments are linked by ``ds_private.link_optimizer_state``.
     """
     inner = inner_optimizer(optimizer)
-    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    flats = zero3_flat_groups(optimizer)
     if flats is None:
         flats = [p for group in inner.param_groups for p in group["params"]]
     on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
@@ -144,7 +126,7 @@ def init_adam_state(optimizer: Any, step: int) -> None:
             "exp_avg": torch.zeros_like(flat),
             "exp_avg_sq": torch.zeros_like(flat),
         }
-    link_moments(optimizer)
+    link_optimizer_state(optimizer)
 
 
 @dataclass
@@ -168,7 +150,7 @@ class LevelParams:
         from deepspeed.pipe import PipelineModule
 
         if optimizer is not None:
-            link_moments(optimizer)
+            link_optimizer_state(optimizer)
         if not isinstance(model, PipelineModule):
             local = named_params(model)
             return cls(local, {n: getattr(p, "ds_shape", p.shape) for n, p in local.items()}, None, optimizer)

@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from ..config import ConfigError
 from ..data import BlockSampler
+from ..ds_private import pipeline_local_specs
 
 TIED_KEY = "embed_tokens"
 IGNORE_INDEX = -100  # transformers' label value for "no loss here"
@@ -127,10 +128,11 @@ def _local_layers(pipe: PipelineModule) -> Iterator[tuple[str, nn.Module]]:
     the submodule named by its global index, a TiedLayerSpec in ``pipe.tied_modules[key]`` (one
     module even when this stage holds both the embedding and the head).
     """
-    last = pipe._num_layers - 1
+    specs, local = pipeline_local_specs(pipe)
+    last = len(specs) - 1
     names = {0: "model.embed_tokens.", last - 1: "model.norm.", last: "lm_head."}
-    for index in range(pipe._local_start, pipe._local_stop):
-        spec = pipe._layer_specs[index]
+    for index in local:
+        spec = specs[index]
         module = pipe.tied_modules[spec.key] if isinstance(spec, TiedLayerSpec) else pipe.get_submodule(str(index))
         yield names.get(index, f"model.layers.{index - 1}."), module
 

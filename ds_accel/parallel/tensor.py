@@ -38,6 +38,7 @@ from torch import Tensor
 from transformers import LlamaConfig
 
 from ..config import ConfigError
+from ..ds_private import autotp_layer
 from ..structure import TensorShard, decoder_layers
 
 
@@ -91,7 +92,7 @@ def tp_split(p: torch.nn.Parameter) -> TPSplit | None:
     checkpoints. Fused sub-parameters (a packed qkv) are not a Llama layout and are refused.
     """
     meta = getattr(p, DS_AUTOTP_UC_META, None)
-    layer = getattr(getattr(p, "gather_params", None), "__self__", None)
+    layer = autotp_layer(p)
     if meta is None or layer is None or meta["replicated"] or meta["partition_dim"] is None:
         return None
     if meta["sub_param_shape"] is not None:
