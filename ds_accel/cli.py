@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="train/load the tokenizer and pack the corpus into the cache")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare_data)
-    from . import bench, gpu_check, launcher, planner
+    from . import bench, gpu_check, launcher, planner, vcycle_study
 
-    for module in (launcher, planner, bench, gpu_check):
+    for module in (launcher, planner, bench, gpu_check, vcycle_study):
         module.add_parser(sub)
     return parser
 
