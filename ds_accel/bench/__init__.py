@@ -78,7 +78,8 @@ def cmd_bench(args) -> int:
         scenario = Scenario.build("cpt", args.quick, args.size, None)
         print(f"base model: {scenario.base_dir}")
         return 0
-    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
+    scenario = args.scenario or ("cpt" if args.quick else "all")
+    names = SCENARIOS if scenario == "all" else (scenario,)
     for name in names:
         run_scenario(name, args, out / name if len(names) > 1 else out)
     return 0
@@ -87,12 +88,13 @@ def cmd_bench(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="dense vs V-cycle vs SAT (and SAT's variants) with seeds, continual "
                                      "pretraining and from scratch, at equal compute and equal steps")
-    p.add_argument("--scenario", choices=SCENARIOS + ("all",), default="all",
+    p.add_argument("--scenario", choices=SCENARIOS + ("all",), default=None,
                    help="cpt: continual pretraining of a KJV base on the Python stdlib; scratch: from a random "
-                        "init on the KJV; all: both, into OUT/cpt and OUT/scratch (default)")
+                        "init on the KJV; all: both, into OUT/cpt and OUT/scratch (default; cpt with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; 2 with --quick)")
     p.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
-    p.add_argument("--quick", action="store_true", help="minutes: the tiny preset, short runs on corpus slices")
+    p.add_argument("--quick", action="store_true",
+                   help="minutes: the tiny preset, 40-step runs on corpus slices, the cpt scenario unless --scenario")
     p.add_argument("--size", default=None, help="model preset instead of the scenario's (scratch: the model; cpt: "
                                                 "the base, pretrained anew)")
     p.add_argument("--base", default=None, metavar="DIR",

@@ -54,9 +54,10 @@ SOURCE_EVAL_BLOCKS = 128  # base-corpus validation blocks scored after a CPT run
 
 # --quick: the tiny preset on corpus slices, a short base pretraining and short runs
 QUICK = {
-    "scratch": {"run": {"total_steps": 80, "eval_every": 10}, "model": {"preset": "tiny"},
-                "data": {"max_chars": 1_000_000}},
-    "cpt": {"run": {"total_steps": 80, "eval_every": 10, "eval_batches": 8}, "data": {"max_chars": 1_000_000}},
+    "scratch": {"run": {"total_steps": 40, "eval_every": 10}, "model": {"preset": "tiny"},
+                "data": {"max_chars": 1_000_000}, "optim": {"warmup_steps": 5}},
+    "cpt": {"run": {"total_steps": 40, "eval_every": 10, "eval_batches": 8}, "data": {"max_chars": 1_000_000},
+            "optim": {"warmup_steps": 5}},
     "base": {"run": {"total_steps": 200, "eval_every": 50, "save_every": 0}, "model": {"preset": "tiny"},
              "data": {"max_chars": 1_500_000}, "optim": {"warmup_steps": 20}},
 }
