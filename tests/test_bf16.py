@@ -7,8 +7,9 @@ Tolerances (measured on this machine, 2026-11-27: first loss 6.244, final valida
 8 steps; it was 6.015 at step 4, so stale or wrong weights move it by far more than these):
 - resumed vs uninterrupted loss: the checkpoint holds the fp32 masters, the moments and the bf16
   weights, and the resumed steps repeat the same operations: bit for bit under both stages (measured).
-  rel 1e-6 leaves room only for a reordered reduction; before 0aa1a48 ZeRO-1 differed by 6e-5 in the last two steps (the
-  freeze guard read stale moment fragments for one step after the resume), which this catches;
+  rel 1e-6 leaves room only for a reordered reduction; before 0aa1a48 ZeRO-1 differed by 6e-5 in the
+  last two steps (the freeze guard read stale moment fragments for one step after the resume), which
+  this catches;
 - the export loaded in bf16 holds the engine's own bf16 weights (DeepSpeed's model copy is the
   round-to-nearest of the fp32 masters that export writes), so its loss on the evaluation blocks is
   the run's final validation loss up to the batch shape (one batch of 16 blocks instead of 2 ranks x
