@@ -173,7 +173,7 @@ class Scenario:
         return len(load_tokenizer(data.tokenizer)) if data.tokenizer else prepare(data).vocab_size
 
 
-def run_dir_name(method: str, seed: int, view: str, steps: int, dense_steps: int) -> str:
+def run_dir_name(method: str, seed: int, steps: int, dense_steps: int) -> str:
     """Runs at dense's step count are shared by both views; the others are named by their step count."""
     return f"{method}/seed{seed}" + ("" if steps == dense_steps else f"_steps{steps}")
 
@@ -193,7 +193,7 @@ def execute(scenario: Scenario, seeds: list[int], out: Path, reuse: bool = False
                 if method not in plan[view]:
                     continue
                 steps = plan[view][method]
-                name = run_dir_name(method, seed, view, steps, dense_steps)
+                name = run_dir_name(method, seed, steps, dense_steps)
                 if name not in done:
                     done[name] = _one_run(scenario, method, seed, steps, out, name, source, reuse)
                 runs[view][method].append({**done[name], "seed": seed})
