@@ -117,7 +117,7 @@ class SATConfig:
     heads: bool = True  # omit attention heads
     channels: bool = True  # omit MLP channels
     tp_selection: str = "balanced"  # under TP: balanced (same count per TP rank, no waiting) | global (top-k)
-    optimizer_policy: str = "freeze"  # freeze (omitted weights and Adam moments unchanged by the step) | adam (stock AdamW sees their zero gradient)
+    optimizer_policy: str = "adam"  # adam (stock AdamW sees the omitted rows' zero gradient) | freeze (omitted weights and Adam moments unchanged by the step)
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from .config import SATConfig
 from .flops import LayerWidth, train_flops
 from .models import llama_config
 from .sat import ImportanceTracker, omit, select
@@ -164,7 +165,7 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
 
 
 def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32, shapes: list[str] | None = None,
-        quick: bool = False, rates: tuple[float, ...] = RATES, policy: str = "freeze") -> dict:
+        quick: bool = False, rates: tuple[float, ...] = RATES, policy: str | None = None) -> dict:
     """Every shape x policy as ``shapes[f"{shape} {policy}"]``; the top-level ``rates`` are the small preset's
     under ``policy`` (the run's default)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -180,6 +181,7 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
         for pol, by_rate in bench_shape(shape, list(rates), reps, device, dtype).items():
             per_shape[f"{name} {pol}"] = {"seq_len": shape.seq_len, "tokens": shape.batch * shape.seq_len,
                                           "policy": pol, "rates": by_rate}
+    policy = policy or SATConfig().optimizer_policy  # the headline: the run's default policy
     headline = per_shape.get(f"small {policy}") or next(iter(per_shape.values()))
     return {"rates": {r: {k: v[k] for k in ("measured_speedup", "flops_limit_speedup")}
                       for r, v in headline["rates"].items()},

@@ -8,7 +8,7 @@ import pytest
 from ds_accel.bench import base as bench_base
 from ds_accel.bench.report import compare, markdown, plot, stats, summarize, with_ratios
 from ds_accel.bench.runs import cost_to_reach, merge
-from ds_accel.bench.scenarios import EQUAL_STEPS, METHODS, Scenario, load_config
+from ds_accel.bench.scenarios import EQUAL_STEPS, Scenario, load_config
 from ds_accel.config import ConfigError, DataConfig, from_dict
 from ds_accel.data import load_texts, stdlib_corpus
 
@@ -145,9 +145,11 @@ def test_stdlib_corpus_of_this_interpreter():
 
 def test_plan_lays_methods_over_equal_compute_and_equal_steps(monkeypatch):
     monkeypatch.setattr(Scenario, "vocab_size", lambda self: 2000)
-    scenario = Scenario("scratch", merge(load_config("bench"), {"model": {"preset": "tiny"}}), list(METHODS)[:5])
+    methods = ["dense", "sat", "sat-random", "vcycle", "vcycle+sat", "sat-freeze"]
+    scenario = Scenario("scratch", merge(load_config("bench"), {"model": {"preset": "tiny"}}), methods)
     plan = scenario.plan()
     assert plan["equal_compute"]["dense"] == 600 and set(plan["equal_steps"]) == set(EQUAL_STEPS)
+    assert "sat-freeze" not in plan["equal_compute"]  # same cost per step as sat: equal steps only
     assert all(steps == 600 for steps in plan["equal_steps"].values())
     # cheaper steps buy more of them; random and activation SAT cost the same
     assert plan["equal_compute"]["sat"] > 600 and plan["equal_compute"]["vcycle"] > 600
