@@ -207,6 +207,7 @@ def zero1_bookkeeping(out: Path, policy: str, steps: int = 30) -> dict:
     (rank 0's figures)."""
     import json
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -226,6 +227,7 @@ def zero1_bookkeeping(out: Path, policy: str, steps: int = 30) -> dict:
     subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                     str(REPO_ROOT / "launch" / "train.py"), "--config", str(run_dir / "config.yaml")],
                    check=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the figures are kept, not the weights
     result = json.loads((run_dir / "result.json").read_text())
     return {"policy": policy, "steps": steps, "wall_s": result["wall_s"],
             "bookkeeping_s": result["sat_bookkeeping_s"], "share": result["sat_bookkeeping_s"] / result["wall_s"]}
