@@ -184,3 +184,27 @@ def test_config_accepts_the_variants_and_names_the_field_on_a_mistake():
         from_dict({"sat": {"metric": "magnitude"}})
     with pytest.raises(ConfigError, match="sat.selection: 'top' is not one of topk, sample"):
         from_dict({"sat": {"selection": "top"}})
+
+
+@pytest.mark.parametrize("selection", ["topk", "sample"])
+def test_the_trainers_controller_selects_by_sat_selection(selection):
+    """The controller the trainer, the callback and the Megatron backend use passes ``sat.selection``, the
+    run seed and the step to the selection (the first benchmark's ``sat-sample`` runs were top-k because
+    it did not): its kept units are the selection's own draw, which differs from top-k for ``sample``."""
+    from ds_accel.engine.sat import SATController
+
+    cfg = from_dict({"sat": {"enabled": True, "selection": selection, "stage1_fraction": 1.0}}).sat
+    sat = SATController(cfg, tiny_model(), total_steps=10, seed=7)
+    g = torch.Generator().manual_seed(5)
+    for kind in ("heads", "channels"):
+        sat.tracker.score[kind].copy_(torch.rand(sat.tracker.score[kind].shape, generator=g, dtype=torch.float64))
+        sat.tracker.seen[kind].fill_(True)
+    rate = sat.begin_step(3)
+
+    def kept(heads_channels):
+        return [{k: v.tolist() for k, v in d.items()} for d in heads_channels]
+
+    drawn = kept(select(sat.tracker, rate, cfg.granularity, selection=selection, seed=7, step=3))
+    top = kept(select(sat.tracker, rate, cfg.granularity))
+    assert rate == 0.5 and kept((sat.keep_heads, sat.keep_channels)) == drawn
+    assert (drawn != top) == (selection == "sample")

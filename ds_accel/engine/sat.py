@@ -232,7 +232,8 @@ class SATController:
             self._average_scores()
             shards = self.tp.size if self.tp is not None and self.cfg.tp_selection == "balanced" else 1
             heads, channels = select(_on_host(self.tracker), rate, self.cfg.granularity, num_shards=shards,
-                                     head_omission_rate=rate if self.cfg.heads else 0.0)
+                                     head_omission_rate=rate if self.cfg.heads else 0.0,
+                                     selection=self.cfg.selection, seed=self.seed, step=step)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
             self.selection = self.family.resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
         self.rate = rate
