@@ -132,7 +132,7 @@ def _check_steps(steps: list[dict], total: int) -> None:
 def test_sat_callback_omits_units_and_freezes_their_state(tmp_path):
     steps = 4
     model = _model()
-    sat = SATCallback(SATConfig(omission_rate=0.5, stage1_fraction=0.5, rungs=4))
+    sat = SATCallback(SATConfig(omission_rate=0.5, stage1_fraction=0.5, rungs=4, optimizer_policy="freeze"))
     probe = Probe(sat)
     args = _args(str(tmp_path), steps, gradient_accumulation_steps=2, use_cpu=True, use_cache=True,
                  eval_strategy="steps", eval_steps=1)  # use_cache: off while heads are omitted, restored after
@@ -184,7 +184,7 @@ def _deepspeed_run(steps: int, stage: int) -> dict:
     import tempfile
 
     model = _model()
-    sat = SATCallback(SATConfig(omission_rate=0.5, stage1_fraction=0.5, rungs=4))
+    sat = SATCallback(SATConfig(omission_rate=0.5, stage1_fraction=0.5, rungs=4, optimizer_policy="freeze"))
     probe = Probe(sat)
     with tempfile.TemporaryDirectory() as out:
         # use_cpu: without it accelerate finds no device backend and sizes the batch for 1 process

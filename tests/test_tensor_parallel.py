@@ -37,7 +37,7 @@ def _engine(conf, tp: int, seed: int | None, micro: int = 4):
 
     ds_json = "tp2.json" if tp == 2 else "zero1.json"
     cfg = from_dict(tiny_overrides("/tmp/unused", optim={"micro_batch_size": micro, "weight_decay": 0.1, "eps": 1e-3},
-                                   run={"total_steps": 2 * STEPS}, sat={"enabled": True},
+                                   run={"total_steps": 2 * STEPS}, sat={"enabled": True, "optimizer_policy": "freeze"},
                                    deepspeed={"config": str(REPO / "ds_configs" / ds_json)}))
     ds = resolve_ds_config(cfg, runtime.world_size())  # DeepSpeed counts TP ranks in train_batch_size
     return make_engine(new_model(conf, ds, seed=seed), cfg, ds), cfg
