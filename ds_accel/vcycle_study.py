@@ -32,6 +32,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from .bench.report import stats
 from .bench.runs import cost_to_reach, merge, run_method
 from .budget import run_flops, steps_for_budget, tokens_per_step
 from .config import ConfigError, from_dict
@@ -136,9 +137,8 @@ def _interpolate(curve: list[tuple[float, float]], x: float) -> float | None:
 
 
 def _spread(values: list[float | None]) -> dict[str, Any]:
-    got = [v for v in values if v is not None]
-    return {"mean": mean(got) if got else None, "min": min(got, default=None), "max": max(got, default=None),
-            "n": len(got), "of": len(values)}
+    """The bench's mean/min/max/n over the values that exist, and how many seeds there were."""
+    return {**stats(values), "of": len(values)}
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
