@@ -93,9 +93,9 @@ class MultiLevelConfig:
     width_factor: int = 2  # hidden, heads and MLP divided by this per level (1: keep width)
     depth_factor: int = 2  # layers divided by this per level (1: keep depth)
     pairing: str = "half"  # half (i with i+n/2) | adjacent (2i with 2i+1)
-    step_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.5])  # per V-cycle stage, down then up (2*levels-1 values, sum 1)
+    step_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.65])  # per V-cycle stage, down then up (2*levels-1 values, sum 1; default: the V-cycle study's best)
     lr_scale: list[float] = field(default_factory=lambda: [1.0, 2.0])  # peak LR multiplier per level
-    lr_schedule: str = "stage"  # authors: stage 1 all warm-up, later stages decay from the level's peak to 0 (the authors' code) | stage: warm-up/decay to optim.min_lr_ratio afresh per stage | run: one schedule over the run
+    lr_schedule: str = "authors"  # authors: stage 1 all warm-up, later stages decay from the level's peak to 0 (the authors' code) | stage: warm-up/decay to optim.min_lr_ratio afresh per stage | run: one schedule over the run
     lr_decay: str = "auto"  # decay shape: cosine | linear | auto (linear for authors, cosine otherwise)
     transition_warmup: int = 0  # linear warm-up steps at the start of every stage after a transition (authors/stage)
     alpha: float = 0.5  # interpolation weight of the de-coalesced model

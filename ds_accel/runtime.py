@@ -25,12 +25,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (``taskset``, a SLURM cpuset), not the machine's count,
+    so that ranks or runs pinned to a share of a node don't oversubscribe it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def setup_process(local_world: int | None = None) -> None:
     """Environment for DeepSpeed on this machine; call before ``init_distributed``."""
     if on_cpu():
         os.environ["DS_ACCELERATOR"] = "cpu"
         local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+        threads = max(1, usable_cores() // max(1, local_world))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         if os.environ.get("DS_ACCEL_SHM_OP", "0") != "1":

@@ -13,8 +13,8 @@ right one for the compute; the control shows which regime a budget is in. ``--bu
 smaller budgets (fractions of that one).
 
 Seed s gives every method the same data order; dense and the V-cycle also start from the same
-weights. Outputs per budget (``OUT/<budget>/``): ``results.json`` (every run's result, curve,
-transitions and the aggregates), ``results.md`` (mean and [min, max] over seeds: final validation loss
+weights. Outputs per budget (``OUT/<budget>/``): ``results.json`` (every run's result, validation
+curve and the aggregates; per-step rows stay in the runs' ``metrics.jsonl``), ``results.md`` (mean and [min, max] over seeds: final validation loss
 at equal compute, FLOPs and wall-clock to dense's final loss of the same seed), ``curves.png``
 (validation loss against FLOPs and wall-clock, transitions marked) and ``transitions.png`` (training
 loss around each transition minus dense's on the same batches: what coalescing and de-coalescing +
@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -37,6 +39,7 @@ from .bench.runs import cost_to_reach, merge, run_method
 from .budget import run_flops, steps_for_budget, tokens_per_step
 from .config import ConfigError, from_dict
 from .models import PRESETS, count_params, model_config
+from .runtime import usable_cores
 
 BASE: dict[str, dict[str, Any]] = {
     "run": {"eval_batches": 8, "log_every": 1, "progress": False, "save_every": 0},
@@ -280,14 +283,15 @@ def plot_transitions(runs: dict[str, list[dict]], path: Path, window: int) -> Pa
 
 
 def run_budget(base: dict, methods: list[str], seeds: int, scale: float, tokens_per_param: float,
-               vocab_size: int, out: Path) -> dict[str, Any]:
-    """Every method and seed at one budget: dense's tokens = scale * tokens_per_param * parameters."""
+               vocab_size: int, out: Path, jobs: int = 1) -> dict[str, Any]:
+    """Every method and seed at one budget: dense's tokens = scale * tokens_per_param * parameters.
+    Every run's config is built and checked before the first one starts."""
     dense_cfg = from_dict(with_steps(base, 1))
     params = count_params(model_config(dense_cfg.model, vocab_size))
     dense_steps = max(1, round(scale * tokens_per_param * params / tokens_per_step(dense_cfg)))
     budget = run_flops(dense_cfg, vocab_size, dense_steps)
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
-    steps = {}
+    steps: dict[str, int] = {}
+    plan = []
     for seed in range(seeds):
         for method in methods:
             small = small_level_checkpoint(base, vocab_size, seed, out / "small_init" / f"seed{seed}") \
@@ -298,12 +302,43 @@ def run_budget(base: dict, methods: list[str], seeds: int, scale: float, tokens_
                 steps[method] = dense_steps if method == DENSE else \
                     steps_for_budget(from_dict(with_steps(probe, dense_steps)), vocab_size, budget)
             cfg = with_steps(cfg, steps[method])
-            from_dict(cfg)  # a config mistake stops the study before the run, naming the field
-            run = run_method(method, cfg, out / f"seed{seed}", reuse=True)
-            run["rows"] = [json.loads(x) for x in (run.pop("run_dir") / "metrics.jsonl").read_text().splitlines()]
-            runs[method].append(run)
+            from_dict(cfg)  # a config mistake stops the study before any run, naming the field
+            plan.append((seed, method, cfg))
+    done = run_all(plan, out, jobs)
+    runs = {m: [done[(seed, m)] for seed in range(seeds)] for m in methods}
     return {"params": params, "dense_steps": dense_steps, "tokens": dense_steps * tokens_per_step(dense_cfg),
             "budget_flops": budget, "steps": steps, "runs": runs}
+
+
+def run_all(plan: list[tuple[int, str, dict]], out: Path, jobs: int) -> dict[tuple[int, str], dict]:
+    """Every planned (seed, method, config) run, read back with its metrics rows; ``jobs`` > 1 runs that
+    many side by side, each pinned to its own share of this process's cores, longest first (by steps) so
+    that the last to start are short ones. Runs side by side share memory bandwidth and caches: compare
+    wall-clock only within one study."""
+    def one(seed: int, method: str, cfg: dict, cpus: set[int] | None = None) -> dict:
+        run = run_method(method, cfg, out / f"seed{seed}", reuse=True, cpus=cpus)
+        run["rows"] = [json.loads(x) for x in (run.pop("run_dir") / "metrics.jsonl").read_text().splitlines()]
+        return run
+
+    if jobs == 1:
+        return {(seed, method): one(seed, method, cfg) for seed, method, cfg in plan}
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // jobs)
+    slots: queue.Queue[set[int]] = queue.Queue()
+    for k in range(jobs):
+        slots.put(set(cores[k * share:(k + 1) * share]) or {cores[k % len(cores)]})
+
+    def pinned(seed: int, method: str, cfg: dict) -> dict:
+        cpus = slots.get()
+        try:
+            return one(seed, method, cfg, cpus)
+        finally:
+            slots.put(cpus)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {(seed, method): pool.submit(pinned, seed, method, cfg)
+                   for seed, method, cfg in sorted(plan, key=lambda p: -p[2]["run"]["total_steps"])}
+    return {key: future.result() for key, future in futures.items()}
 
 
 def cmd_vcycle_study(args: argparse.Namespace) -> int:
@@ -319,24 +354,30 @@ def cmd_vcycle_study(args: argparse.Namespace) -> int:
         methods.insert(0, DENSE)
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset: {args.preset!r} is not one of {', '.join(PRESETS)}")
-    if args.seeds < 1 or args.tokens_per_param <= 0:
-        raise ConfigError("--seeds / --tokens-per-param: must be >= 1 / > 0")
+    if args.seeds < 1 or args.tokens_per_param <= 0 or args.jobs < 1:
+        raise ConfigError("--seeds / --tokens-per-param / --jobs: must be >= 1 / > 0 / >= 1")
     base = merge(BASE, {"model": {"preset": args.preset}, "data": {"corpus": args.corpus, "max_chars": args.max_chars},
                         "deepspeed": {"config": f"ds_configs/zero{args.zero}.json"}})
+    if args.dtype != "auto":
+        base = merge(base, {"model": {"dtype": args.dtype}})
     vocab_size = prepare(from_dict(base).data).vocab_size  # the tokenizer, once, into the shared cache
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{platform.processor() or platform.machine()}, {usable_cores()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():  # the runs train there
+        machine += f", {torch.cuda.get_device_name()}"
     out = Path(args.out)
     for scale in (float(s) for s in args.budget_scales.split(",")):
         where = out / f"budget{scale:g}"
-        study = run_budget(base, methods, args.seeds, scale, args.tokens_per_param, vocab_size, where)
+        study = run_budget(base, methods, args.seeds, scale, args.tokens_per_param, vocab_size, where,
+                           args.jobs)
         summary = summarize(study["runs"])
         header = (f"V-cycle study: preset {args.preset} ({study['params']:,} parameters), budget "
                   f"{scale * args.tokens_per_param:g} tokens/parameter for dense ({study['dense_steps']} steps, "
                   f"{study['tokens']:,} tokens, {study['budget_flops']:.3e} FLOPs), {args.seeds} seed(s), "
-                  f"on {machine}")
-        (where / "results.json").write_text(json.dumps(
-            {"header": header, "base": base, "vcycle": VCYCLE, "variants": VARIANTS, **study, "summary": summary},
-            indent=1))
+                  f"on {machine}" + (f", {args.jobs} runs side by side" if args.jobs > 1 else ""))
+        runs = {m: [{k: v for k, v in run.items() if k != "rows"} for run in seeds] for m, seeds in study["runs"].items()}
+        (where / "results.json").write_text(json.dumps(  # per-step rows stay in each run's metrics.jsonl
+            {"header": header, "base": base, "vcycle": VCYCLE, "variants": VARIANTS, **study, "runs": runs,
+             "summary": summary}, indent=1))
         table = markdown(summary, header)
         (where / "results.md").write_text(table)
         plot_curves(study["runs"], where / "curves.png")
@@ -363,4 +404,9 @@ def add_parser(sub) -> None:
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                    help="ZeRO stage, one process (default 0; on a GPU, in bf16, use 1: under ZeRO-0 DeepSpeed keeps "
                         "bf16 training's fp32 weights where a V-cycle transition's writes don't reach)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="model.dtype of every run (default auto: bf16 on GPUs that have it, else fp32)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs side by side, each pinned to its share of the cores (default 1; a tiny preset "
+                        "gains little from a second thread, so on a CPU one job per core finishes soonest)")
     p.set_defaults(func=cmd_vcycle_study)

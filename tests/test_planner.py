@@ -82,7 +82,7 @@ def test_compute_savings():
     plan = _plan(Layout(1, 8), multilevel=True, sat=True)
     dense = _flops_per_token(H, L, 32, M)
     small = _flops_per_token(2048, 16, 16, 5504)
-    # 200 steps: V-cycle stages of 50 (level 1), 50 (level 2), 100 (level 1)
+    # 200 steps: V-cycle stages of 20 (level 1), 50 (level 2), 130 (level 1)
     assert plan.vcycle_flops == pytest.approx((150 * dense + 50 * small) / (200 * dense), rel=1e-12)
     # LORS: 100 steps at r=0.5, then four rungs of 25 at 0.5, 1/3, 1/6, 0: ceil((1 - r) n) kept
     kept = [(125, 16, 5504), (25, 22, 7339), (25, 27, 9174), (25, 32, 11008)]

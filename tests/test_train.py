@@ -67,7 +67,7 @@ def test_lr_schedule_restarts_per_stage_or_runs_once(tiny_cfg):
     from ds_accel.multilevel.vcycle import plan
     from ds_accel.trainer import lr_at
 
-    ml = {"enabled": True, "step_fractions": [0.25, 0.375, 0.375], "lr_scale": [1.0, 4.0]}
+    ml = {"enabled": True, "step_fractions": [0.25, 0.375, 0.375], "lr_scale": [1.0, 4.0], "lr_schedule": "stage"}
     cfg = tiny_cfg(multilevel=ml, run={"total_steps": 16}, optim={"lr": 1e-3, "warmup_steps": 2, "min_lr_ratio": 0.1})
     stages = plan(llama_config("tiny", 512), cfg.multilevel, 16)
     assert [(s.start, s.end) for s in stages] == [(0, 4), (4, 10), (10, 16)]

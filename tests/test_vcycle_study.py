@@ -1,6 +1,8 @@
 """The V-cycle study runner's pure parts on synthetic metrics rows (the runner itself is checked end to end
 by running it on a short tiny config: ``ds-accel vcycle-study --tokens-per-param 0.5 --seeds 2``)."""
 
+import os
+
 import pytest
 
 from ds_accel.vcycle_study import CONTROL, VCYCLE, method_config, summarize, transition_costs, with_steps
@@ -56,3 +58,52 @@ def test_configs_of_the_methods():
     assert warm["multilevel"]["transition_warmup"] == 20 and warm["optim"]["warmup_steps"] == 20
     assert warm["run"]["total_steps"] == 1000 and warm["run"]["eval_every"] == 25
     assert method_config(base, "vcycle-share25")["multilevel"]["step_fractions"] == [0.1, 0.25, 0.65]
+
+
+def test_runs_side_by_side_each_on_its_own_cores_longest_first(monkeypatch, tmp_path):
+    """``--jobs 2``: every planned run trains once, pinned to a core set no other running run holds,
+    the run with the most steps starts first, and each result comes back under its (seed, method)."""
+    import threading
+    import time
+
+    from ds_accel import vcycle_study
+
+    held, seen, started, lock = [], [], [], threading.Lock()
+
+    def fake_run_method(name, cfg, out, reuse, cpus):
+        with lock:
+            assert not any(cpus & other for other in held), "two running runs share a core"
+            held.append(cpus)
+            seen.append(frozenset(cpus))
+            started.append(name)
+        time.sleep(0.05)
+        run_dir = out / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        with lock:
+            held.remove(cpus)
+        return {"result": {"name": name, "seed": cfg["run"]["seed"]}, "curve": [], "run_dir": run_dir}
+
+    monkeypatch.setattr(vcycle_study, "run_method", fake_run_method)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})  # this process's cores
+    plan = [(seed, method, {"run": {"seed": seed, "total_steps": steps}})
+            for seed in (0, 1) for method, steps in (("dense", 10), ("dense-small", 40), ("vcycle", 20))]
+    done = vcycle_study.run_all(plan, tmp_path, jobs=2)
+    assert sorted(done) == sorted((seed, method) for seed, method, _ in plan)
+    assert all(run["result"] == {"name": m, "seed": s} and run["rows"] == [{"step": 1, "loss": 1.0}]
+               for (s, m), run in done.items())
+    assert started[:2] == ["dense-small", "dense-small"] and started[-2:] == ["dense", "dense"]
+    assert set(seen) == {frozenset({4, 5}), frozenset({6, 7})}
+
+
+def test_a_pinned_process_sizes_its_threads_from_its_affinity():
+    """Runs pinned to one core each (or a SLURM cpuset) take one thread, not the machine's core count."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from ds_accel.runtime import setup_process; import torch; setup_process(1); "
+            "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.stdout.split()[-2:] == ["1", "1"]

@@ -11,13 +11,13 @@ seeds, paired with dense's run of the same seed (:mod:`.report`). Each scenario 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 from .. import step_bench
+from ..runtime import usable_cores
 from .report import markdown, plot, summarize
 from .runs import cost_to_reach, run_method
 from .scenarios import METHODS, SCENARIO_METHODS, Scenario, execute
@@ -28,7 +28,7 @@ SCENARIOS = ("cpt", "scratch")
 def _machine() -> str:
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{platform.processor() or platform.machine()}, {usable_cores()} cores, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
 
 

@@ -27,13 +27,27 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def train_child(cfg: dict, run_dir: Path, resume: bool = False) -> None:
-    """``ds-accel train`` on ``cfg`` (written to ``run_dir/config.yaml``) in a child process."""
+def train_child(cfg: dict, run_dir: Path, resume: bool = False, cpus: set[int] | None = None) -> None:
+    """``ds-accel train`` on ``cfg`` (written to ``run_dir/config.yaml``) in a child process.
+
+    ``cpus``: pin the child to these cores (runs side by side then neither share nor oversubscribe
+    cores; the child sizes its thread pool from its affinity) and send its output to ``run_dir/train.log``
+    instead of interleaving it with its siblings'.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     command = [sys.executable, "-m", "ds_accel.cli", "train", "--config", str(run_dir / "config.yaml")]
-    subprocess.run(command + (["--resume"] if resume else []), check=True,
-                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command += ["--resume"] if resume else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cpus is None:
+        subprocess.run(command, check=True, env=env)
+        return
+    log = run_dir / "train.log"
+    with log.open("w") as out:
+        child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        os.sched_setaffinity(child.pid, cpus)  # before the interpreter has imported torch or started a thread
+        if child.wait():
+            raise subprocess.CalledProcessError(child.returncode, command, output=f"see {log}")
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -43,11 +57,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return {"result": json.loads((run_dir / "result.json").read_text()), "curve": curve}
 
 
-def run_method(name: str, cfg: dict, out: Path, reuse: bool = False) -> dict[str, Any]:
+def run_method(name: str, cfg: dict, out: Path, reuse: bool = False,
+               cpus: set[int] | None = None) -> dict[str, Any]:
     """Train one method in a child process under ``out/<name>``; returns its result and evaluation curve.
 
     The HF export is skipped unless ``cfg`` asks for it (``run.export``). ``reuse``: a finished run of
-    the very same config already in that directory is read instead of trained again.
+    the very same config already in that directory is read instead of trained again. ``cpus``: see
+    :func:`train_child`.
     """
     run_dir = out / name.replace("+", "_")
     cfg = merge(merge({"run": {"export": False}}, cfg), {"run": {"output_dir": str(run_dir)}})
@@ -55,8 +71,9 @@ def run_method(name: str, cfg: dict, out: Path, reuse: bool = False) -> dict[str
     if reuse and finished and yaml.safe_load((run_dir / "config.yaml").read_text()) == cfg:
         print(f"\n== {name}: reusing the finished run ==", flush=True)
     else:
-        print(f"\n== {name} ==", flush=True)
-        train_child(cfg, run_dir)
+        print(f"\n== {name} ==" + (f" (cores {sorted(cpus)}, log {run_dir / 'train.log'})" if cpus else ""),
+              flush=True)
+        train_child(cfg, run_dir, cpus=cpus)
     return {**read_run(run_dir), "run_dir": run_dir}
 
 
