@@ -408,5 +408,5 @@ def add_parser(sub) -> None:
                    help="model.dtype of every run (default auto: bf16 on GPUs that have it, else fp32)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs side by side, each pinned to its share of the cores (default 1; a tiny preset "
-                        "gains little from a second thread, so on a CPU one job per core finishes soonest)")
+                        "gains little from a second thread, so on a CPU one job per core finishes a study sooner)")
     p.set_defaults(func=cmd_vcycle_study)
