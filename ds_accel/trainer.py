@@ -162,6 +162,12 @@ def _check_layout(cfg: TrainConfig, ds: dict, world: int, tp: int) -> None:
                               "supported: a ZeRO-3 partition of an AutoTP block has no full-parameter view for level "
                               "transitions, export and SAT's frozen rows; use ZeRO stage 1 (ds_configs/tp2.json) "
                               "with tensor parallelism, or ZeRO-3 without it")
+    if (cfg.multilevel.enabled and cfg.multilevel.optimizer_policy == "transfer" and zero_stage(ds) == 0
+            and ds.get("bf16", {}).get("enabled") is True):
+        raise ConfigError("multilevel.optimizer_policy: transfer can't reach Adam's moments under ZeRO-0 with bf16 "
+                          "(DeepSpeed wraps AdamW in FP16_UnfusedOptimizer, whose fp32 state neither torch nor "
+                          "safe_get_full_optimizer_state reaches); use ZeRO stage 1-3 (ds_configs/zero1.json) or "
+                          "optimizer_policy fresh")
     if world % (pp * tp):
         raise ConfigError(f"parallel.pp: {world} ranks can't be split into {pp} pipeline stages x {tp} tensor-"
                           f"parallel ranks (tensor_parallel.autotp_size in {cfg.deepspeed.config}); use sizes "

@@ -100,3 +100,17 @@ def test_zero3_with_tensor_parallelism_is_refused_before_any_work(tmp_path):
                                           r"\(autotp_size 2\) is not supported.*ds_configs/tp2\.json"):
         train(cfg)
     assert not (tmp_path / "run").exists(), "the layout error came after work had started"
+
+
+def test_moment_transfer_under_zero0_bf16_is_refused_before_any_work(tmp_path):
+    """DeepSpeed's ZeRO-0 bf16 optimizer hides Adam's state from the transfer; that must stop the run before
+    the data or an engine is built, not at the first transition."""
+    from conftest import REPO, tiny_overrides
+    from ds_accel.config import ConfigError, from_dict
+
+    cfg = from_dict(tiny_overrides(tmp_path / "run", model={"dtype": "bf16"},
+                                   deepspeed={"config": str(REPO / "ds_configs" / "zero0.json")},
+                                   multilevel={"enabled": True, "optimizer_policy": "transfer"}))
+    with pytest.raises(ConfigError, match=r"^multilevel\.optimizer_policy: transfer .* ZeRO-0 with bf16"):
+        train(cfg)
+    assert not (tmp_path / "run").exists(), "the error came after work had started"
