@@ -14,12 +14,13 @@ smaller budgets (fractions of that one).
 
 Seed s gives every method the same data order; dense and the V-cycle also start from the same
 weights. Outputs per budget (``OUT/<budget>/``): ``results.json`` (every run's result, validation
-curve and the aggregates; per-step rows stay in the runs' ``metrics.jsonl``), ``results.md`` (mean and [min, max] over seeds: final validation loss
-at equal compute, FLOPs and wall-clock to dense's final loss of the same seed), ``curves.png``
+curve and the aggregates; per-step rows stay in the runs' ``metrics.jsonl``), ``results.md`` (mean
+and [min, max] over seeds: final validation loss at equal compute, FLOPs and wall-clock to dense's
+final loss of the same seed), ``curves.png``
 (validation loss against FLOPs and wall-clock, transitions marked) and ``transitions.png`` (training
 loss around each transition minus dense's on the same batches: what coalescing and de-coalescing +
 interpolation cost). A finished run of the same config is read back, not trained again, so an
-interrupted study continues where it stopped.
+interrupted study continues where it stopped. ``--jobs N`` trains N runs side by side (:func:`run_all`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import platform
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
@@ -374,7 +375,8 @@ def cmd_vcycle_study(args: argparse.Namespace) -> int:
                   f"{scale * args.tokens_per_param:g} tokens/parameter for dense ({study['dense_steps']} steps, "
                   f"{study['tokens']:,} tokens, {study['budget_flops']:.3e} FLOPs), {args.seeds} seed(s), "
                   f"on {machine}" + (f", {args.jobs} runs side by side" if args.jobs > 1 else ""))
-        runs = {m: [{k: v for k, v in run.items() if k != "rows"} for run in seeds] for m, seeds in study["runs"].items()}
+        runs = {m: [{k: v for k, v in run.items() if k != "rows"} for run in seeds]
+                for m, seeds in study["runs"].items()}
         (where / "results.json").write_text(json.dumps(  # per-step rows stay in each run's metrics.jsonl
             {"header": header, "base": base, "vcycle": VCYCLE, "variants": VARIANTS, **study, "runs": runs,
              "summary": summary}, indent=1))

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from ds_accel.config import from_dict
