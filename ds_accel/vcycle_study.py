@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # one change each from VCYCLE, the auth
     "vcycle+warmup": {"transition_warmup": WARMUP},
     "vcycle-share25": {"step_fractions": [0.1, 0.25, 0.65]},
     "vcycle-alpha0.25": {"alpha": 0.25},
+    "vcycle-width": {"depth_factor": 1},  # coalesce the width only: averaging layers costs the most (coalesce_probe)
 }
 DENSE, CONTROL = "dense", "dense-small"
 METHODS = (DENSE, CONTROL, *VARIANTS)

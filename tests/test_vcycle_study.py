@@ -58,6 +58,8 @@ def test_configs_of_the_methods():
     assert warm["multilevel"]["transition_warmup"] == 20 and warm["optim"]["warmup_steps"] == 20
     assert warm["run"]["total_steps"] == 1000 and warm["run"]["eval_every"] == 25
     assert method_config(base, "vcycle-share25")["multilevel"]["step_fractions"] == [0.1, 0.25, 0.65]
+    width = method_config(base, "vcycle-width")["multilevel"]
+    assert (width["depth_factor"], width.get("width_factor"), width["lr_schedule"]) == (1, None, "authors")  # 2
 
 
 def test_runs_side_by_side_each_on_its_own_cores_longest_first(monkeypatch, tmp_path):
