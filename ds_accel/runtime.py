@@ -25,13 +25,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity (``taskset``, a SLURM cpuset), not the machine's count,
-    so that ranks or runs pinned to a share of a node don't oversubscribe it."""
+def usable_core_ids() -> list[int]:
+    """Cores this process may run on: its CPU affinity (``taskset``, a SLURM cpuset), not the machine's
+    cores, so that ranks or runs pinned to a share of a node don't oversubscribe it."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    return len(usable_core_ids())
 
 
 def setup_process(local_world: int | None = None) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import queue
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ from .bench.runs import cost_to_reach, merge, run_method
 from .budget import run_flops, steps_for_budget, tokens_per_step
 from .config import ConfigError, from_dict
 from .models import PRESETS, count_params, model_config
-from .runtime import usable_cores
+from .runtime import usable_core_ids, usable_cores
 
 BASE: dict[str, dict[str, Any]] = {
     "run": {"eval_batches": 8, "log_every": 1, "progress": False, "save_every": 0},
@@ -324,7 +323,7 @@ def run_all(plan: list[tuple[int, str, dict]], out: Path, jobs: int) -> dict[tup
 
     if jobs == 1:
         return {(seed, method): one(seed, method, cfg) for seed, method, cfg in plan}
-    cores = sorted(os.sched_getaffinity(0))
+    cores = usable_core_ids()
     share = max(1, len(cores) // jobs)
     slots: queue.Queue[set[int]] = queue.Queue()
     for k in range(jobs):

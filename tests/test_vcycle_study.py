@@ -109,3 +109,25 @@ def test_a_pinned_process_sizes_its_threads_from_its_affinity():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.stdout.split()[-2:] == ["1", "1"]
+
+
+def test_a_run_pinned_by_train_child_runs_on_those_cores_only(monkeypatch, tmp_path):
+    """``train_child(cpus=...)`` pins the child (seen from inside it) and sends its output to the run's
+    train.log; a failing child raises, naming that log. The child here stands in for ``ds-accel train``."""
+    import subprocess
+    import sys
+
+    from ds_accel.bench import runs
+
+    core = min(os.sched_getaffinity(0))
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!/bin/sh\nsleep 0.5\nexec {sys.executable} -c "
+                    "\"import os, sys; print(sorted(os.sched_getaffinity(0))); sys.exit(int(os.environ['FAIL']))\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(runs.sys, "executable", str(fake))
+    monkeypatch.setenv("FAIL", "0")
+    runs.train_child({"run": {}}, tmp_path / "run", cpus={core})
+    assert (tmp_path / "run" / "train.log").read_text().split() == [f"[{core}]"]
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(subprocess.CalledProcessError, match="returned non-zero"):
+        runs.train_child({"run": {}}, tmp_path / "run2", cpus={core})
