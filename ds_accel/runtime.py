@@ -1,10 +1,11 @@
 """Process set-up: accelerator choice, thread pinning, DeepSpeed's process group, clean exit.
 
 On a machine without CUDA the tool selects DeepSpeed's CPU accelerator with gloo itself, gives
-each rank its share of the cores, and (unless DS_ACCEL_SHM_OP=1) skips the JIT build of the
-shared-memory allreduce op, which costs ~20 s per fresh machine and only speeds up large CPU
-all-reduces. A single process without a launcher gets a one-rank process group, so the same
-engine code runs under ``python`` and under the ``deepspeed`` launcher.
+each rank its share of the cores, keeps freed memory in the process (:func:`keep_freed_memory`),
+and (unless DS_ACCEL_SHM_OP=1) skips the JIT build of the shared-memory allreduce op, which costs
+~20 s per fresh machine and only speeds up large CPU all-reduces. A single process without a
+launcher gets a one-rank process group, so the same engine code runs under ``python`` and under
+the ``deepspeed`` launcher.
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ def usable_cores() -> int:
     return len(usable_core_ids())
 
 
+def keep_freed_memory() -> bool:
+    """Serve large CPU tensors from the heap and keep what is freed: the CPU analogue of CUDA's caching
+    allocator. glibc maps every allocation above its mmap threshold (which adapts up to 32 MiB at most)
+    afresh and unmaps it when freed, so every step's large activations, weight slices and gradients
+    fault their pages in again: a Llama-2-7B layer's step at 2,048 tokens spends seconds in the kernel
+    (docs/benchmark/step/allocator_probe/). Raises the threshold to 1 GiB and never trims the heap; the
+    process keeps its peak footprint, as a caching allocator does. Skipped where the user set glibc's
+    own MALLOC_* variables, with DS_ACCEL_KEEP_FREED_MEMORY=0, or off glibc; returns whether it applied."""
+    import ctypes
+
+    if os.environ.get("DS_ACCEL_KEEP_FREED_MEMORY", "1") == "0" or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def setup_process(local_world: int | None = None) -> None:
     """Environment for DeepSpeed on this machine; call before ``init_distributed``."""
     if on_cpu():
@@ -46,6 +67,7 @@ def setup_process(local_world: int | None = None) -> None:
         threads = max(1, usable_cores() // max(1, local_world))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+        keep_freed_memory()
         if os.environ.get("DS_ACCEL_SHM_OP", "0") != "1":
             from .ds_private import skip_shm_op_build
 

@@ -1,6 +1,6 @@
 """SAT training-step micro-benchmark: dense vs sliced steps at several omission rates, per optimizer policy.
 
-A step is forward + backward + AdamW, on the device the run has (CPU here; CUDA with a synchronize
+A step is forward + backward + AdamW (the trainer's: fused, norms not decayed), on the device the run has (CPU here; CUDA with a synchronize
 before every clock read), timed as the median of interleaved repetitions: dense and every (policy,
 rate) take turns, so drift in machine load hits all alike. Each SAT step does what the trainer does per
 step: resolve the selection, one ``omit`` context (weight slices gathered once), the optimizer step with
@@ -26,7 +26,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from .config import SATConfig
+from . import runtime
+from .config import OptimConfig, SATConfig
+from .engine.build import adamw
 from .flops import LayerWidth, train_flops
 from .models import llama_config
 from .sat import ImportanceTracker, omit, select
@@ -121,7 +123,7 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
                 policies: tuple[str, ...] = POLICIES, granularity: str = "kv_group") -> dict[str, dict]:
     """{policy: {rate: {dense_ms, sat_ms, measured_speedup, flops_limit_speedup}}} for one shape."""
     model, data = _build(shape, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = adamw(model, OptimConfig(lr=1e-4))  # the trainer's AdamW (fused), its groups and defaults
     guard = OmittedStateGuard(optimizer)
     selections = {r: _selection(model, r, granularity) for r in [0.0, *rates]}
 
@@ -169,6 +171,8 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
     """Every shape x policy as ``shapes[f"{shape} {policy}"]``; the top-level ``rates`` are the small preset's
     under ``policy`` (the run's default)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        runtime.keep_freed_memory()  # as a training process on CPU has it (runtime.setup_process)
     known = catalogue()
     names = shapes or default_shapes(device, quick)
     unknown = [n for n in names if n not in known]
@@ -177,7 +181,7 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
     per_shape: dict[str, dict] = {}
     for name in names:
         shape = known[name]
-        reps = (5 if quick else 9) if shape.whole_model else 3
+        reps = (5 if quick else 9) if shape.whole_model else 5
         for pol, by_rate in bench_shape(shape, list(rates), reps, device, dtype).items():
             per_shape[f"{name} {pol}"] = {"seq_len": shape.seq_len, "tokens": shape.batch * shape.seq_len,
                                           "policy": pol, "rates": by_rate}

