@@ -1,45 +1,56 @@
 """Process set-up on CPU (ds_accel.runtime): threads from the affinity, freed memory kept."""
+import json
 import os
 import subprocess
 import sys
 
-# In a fresh process: a 64 MiB tensor is made and freed, then made again; the second one's minor
-# page faults (pages the kernel hands out afresh) are counted.
+# In a fresh process, 10 "steps" that each make four large tensors (64, 86, 32 and 64 MiB, as a step's
+# activations and gradients) and free them; per step: minor page faults (pages the kernel hands out
+# afresh) and resident memory after the frees, as JSON.
 _PROBE = """
-import resource, sys, torch
+import json, os, resource, sys, torch
 from ds_accel import runtime
 applied = runtime.keep_freed_memory() if sys.argv[1] == "keep" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(16 << 20)
-del x
-before = faults()
-x = torch.ones(16 << 20)
-print(applied, faults() - before)
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+rows = []
+for step in range(10):
+    before = faults()
+    tensors = [torch.ones(mib << 18) for mib in (64, 86, 32, 64)]
+    del tensors
+    rows.append((faults() - before, rss_mb()))
+print(json.dumps({"applied": applied, "rows": rows}))
 """
+_STEP_MIB = 64 + 86 + 32 + 64
 
 
-def _probe(mode: str, **env: str) -> tuple[str, int]:
+def _probe(mode: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "DS_ACCEL_KEEP"))}
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
                          env={**clean, **env})
-    applied, faults = out.stdout.split()[-2:]
-    return applied, int(faults)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_freed_memory_is_reused_without_faulting_pages_in_again():
-    """glibc's default unmaps a freed 64 MiB tensor, so the next one faults in all its 16,384 pages;
-    with ``keep_freed_memory`` the heap keeps it and the next one faults in (almost) none."""
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    applied, faults = _probe("default")
-    assert faults > 0.9 * pages, f"glibc's default faulted {faults} pages in, expected about {pages}"
-    applied, faults = _probe("keep")
-    assert applied == "True" and faults < 0.05 * pages, (applied, faults)
+def test_kept_freed_memory_stops_faulting_pages_in_and_stops_growing():
+    """glibc's default unmaps each freed tensor above 32 MiB, so every step faults all 246 MiB of its
+    large tensors in again; with ``keep_freed_memory`` the heap keeps them: after a few steps no page
+    is faulted in, and the heap has stopped growing, at less than 3 steps' worth of tensors more."""
+    step_pages = (_STEP_MIB << 20) // os.sysconf("SC_PAGE_SIZE")
+    default = _probe("default")["rows"]
+    assert all(faults > 0.9 * step_pages for faults, _ in default), default
+    keep = _probe("keep")
+    rows = keep["rows"]
+    assert keep["applied"] is True
+    assert sum(faults for faults, _ in rows[6:]) < 0.05 * step_pages, rows
+    assert rows[-1][1] - rows[5][1] < _STEP_MIB / 16, f"the heap still grows: {rows}"
+    assert rows[-1][1] - default[-1][1] < 3 * _STEP_MIB, f"kept memory beyond 3 steps' tensors: {rows}"
 
 
 def test_keep_freed_memory_leaves_a_users_own_malloc_settings_alone():
-    assert _probe("keep", MALLOC_ARENA_MAX="2")[0] == "False"
-    assert _probe("keep", DS_ACCEL_KEEP_FREED_MEMORY="0")[0] == "False"
+    assert _probe("keep", MALLOC_ARENA_MAX="2")["applied"] is False
+    assert _probe("keep", DS_ACCEL_KEEP_FREED_MEMORY="0")["applied"] is False
 
 
 def test_a_pinned_process_sizes_its_threads_from_its_affinity():

@@ -4,8 +4,8 @@ The JSONs in ds_configs/ hold what is DeepSpeed's business (ZeRO stage, bucket s
 values written "auto" there are filled from the run config, so batch size, clipping and dtype
 are set in one place. A concrete value that disagrees with the run config is an error rather than
 a silent winner. The optimizer is torch's fused AdamW passed to ``deepspeed.initialize``: one ATen
-kernel on CPU and CUDA alike (no JIT-built DeepSpeed op), about ten times faster on this CPU than the
-per-tensor loop (0.16 s against 1.7 s for a Llama-2-7B layer's 202M parameters).
+kernel on CPU and CUDA alike (no JIT-built DeepSpeed op), about nine times faster on a 2-core CPU than
+torch's per-tensor loop there (docs/benchmark/step/adamw_probe/).
 """
 
 from __future__ import annotations

@@ -1,0 +1,76 @@
+"""How fast could SAT's step on the ``small`` preset be? Its FLOPs limit at r = 0.5 is 1.86x, but its
+GEMMs are small (hidden 256). This compares, on the step benchmark's data (8 x 128 tokens), the full
+model's dense step, its SAT step at r = 0.5 (``adam`` policy, ``kv_group``, as ``step_bench``) and the
+dense step of a model built at the kept width (half the query / KV heads, half the MLP channels; its
+own fused AdamW over its own, smaller, parameters): the speed a perfectly free slicing would reach,
+and then some (its optimizer has half the work). Median of 15 interleaved repetitions after a
+warm-up; then a torch.profiler table of 5 SAT steps: the slicing's own operators and their share of
+the step's operator time.
+
+    .venv/bin/python docs/benchmark/step/small_probe/probe.py > docs/benchmark/step/small_probe/probe.txt
+"""
+import copy
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaForCausalLM
+
+from ds_accel import runtime, step_bench
+from ds_accel.config import OptimConfig
+from ds_accel.engine.build import adamw
+from ds_accel.sat import omit
+from ds_accel.sat.omit import resolve
+
+runtime.keep_freed_memory()
+torch.set_num_threads(runtime.usable_cores())
+model, data = step_bench._build(step_bench.catalogue()["small"], torch.device("cpu"), torch.float32)
+conf = copy.deepcopy(model.config)
+conf.num_attention_heads //= 2
+conf.num_key_value_heads //= 2
+conf.intermediate_size //= 2
+torch.manual_seed(0)
+narrow = LlamaForCausalLM(conf)
+narrow.config._attn_implementation = "sdpa"
+optimizers = {"full": adamw(model, OptimConfig(lr=1e-4)), "narrow": adamw(narrow, OptimConfig(lr=1e-4))}
+keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
+
+
+def step(kind: str) -> float:
+    start = time.perf_counter()
+    net, opt = (narrow, optimizers["narrow"]) if kind == "kept-width model" else (model, optimizers["full"])
+    keeps = (keep_heads, keep_channels) if kind == "SAT r=0.5" else ({}, {})
+    with omit(net, *keeps, selection=resolve(net, *keeps)):
+        net(input_ids=data, labels=data, use_cache=False).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+kinds = ["dense", "SAT r=0.5", "kept-width model"]
+for k in kinds:
+    step(k)
+times = {k: [] for k in kinds}
+for _ in range(15):
+    for k in kinds:
+        times[k].append(step(k))
+med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+print(f"small preset, 8 x 128 tokens, {torch.get_num_threads()} threads; median of 15 steps")
+print("| step | ms | speedup over dense |\n|---|---|---|")
+for k in kinds:
+    print(f"| {k} | {med[k]:.1f} | {med['dense'] / med[k]:.2f}x |")
+
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(5):
+        step("SAT r=0.5")
+self_ms = {e.key: e.self_cpu_time_total / 5e3 for e in prof.key_averages()}
+total = sum(self_ms.values())
+slicing = ["aten::index_select", "aten::index_copy_", "aten::index_add_", "aten::new_zeros", "aten::zero_",
+           "_SlicedWeight", "_SlicedWeightBackward"]
+print(f"\nSAT r=0.5 under torch.profiler: {total:.1f} ms of operator time per step")
+print("| operator | ms per step | share |\n|---|---|---|")
+for key in slicing:
+    print(f"| {key} | {self_ms.get(key, 0.0):.1f} | {self_ms.get(key, 0.0) / total:.1%} |")
+print(f"| aten::fill_ (zero-filling, the full-size gradients' and others) | {self_ms.get('aten::fill_', 0.0):.1f} "
+      f"| {self_ms.get('aten::fill_', 0.0) / total:.1%} |")
