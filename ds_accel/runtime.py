@@ -47,8 +47,9 @@ def keep_freed_memory() -> bool:
     (docs/benchmark/step/allocator_probe/). Raises the threshold to 1 GiB and never trims the heap; the
     process keeps its peak footprint, as a caching allocator does, and the heap's fragments (glibc's
     aligned allocations cannot reuse a free chunk of exactly their size) hold up to about twice a
-    step's large tensors before it stops growing (tests/test_runtime.py). Skipped where the user set glibc's
-    own MALLOC_* variables, with DS_ACCEL_KEEP_FREED_MEMORY=0, or off glibc; returns whether it applied."""
+    step's large tensors before it stops growing (tests/test_runtime.py). Skipped where the user set
+    glibc's own MALLOC_* variables, with DS_ACCEL_KEEP_FREED_MEMORY=0, or off glibc; returns whether
+    it applied."""
     import ctypes
 
     if os.environ.get("DS_ACCEL_KEEP_FREED_MEMORY", "1") == "0" or any(k.startswith("MALLOC_") for k in os.environ):

@@ -1,8 +1,9 @@
 """SAT training-step micro-benchmark: dense vs sliced steps at several omission rates, per optimizer policy.
 
-A step is forward + backward + AdamW (the trainer's: fused, norms not decayed), on the device the run has (CPU here; CUDA with a synchronize
-before every clock read), timed as the median of interleaved repetitions: dense and every (policy,
-rate) take turns, so drift in machine load hits all alike. Each SAT step does what the trainer does per
+A step is forward + backward + AdamW (the trainer's: fused, norms not decayed), on the device the
+run has (CPU here, keeping freed memory as a training process does; CUDA with a synchronize before
+every clock read), timed as the median of interleaved repetitions: dense and every (policy, rate) take
+turns, so drift in machine load hits all alike. Each SAT step does what the trainer does per
 step: resolve the selection, one ``omit`` context (weight slices gathered once), the optimizer step with
 the policy's guard (``freeze``) or none (``adam``). Beside each measured speedup stands the FLOPs limit
 of the very selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
