@@ -221,7 +221,8 @@ def zero1_bookkeeping(out: Path, policy: str, steps: int = 30) -> dict:
     from .config import REPO_ROOT
 
     run_dir = out / f"zero1_{policy}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # DeepSpeed's monitor appends to an earlier run's files
+    run_dir.mkdir(parents=True)
     cfg = {"run": {"output_dir": str(run_dir), "total_steps": steps, "eval_every": steps, "log_every": 5,
                    "export": False, "progress": False},
            "data": {"seq_len": 128}, "model": {"preset": "small", "dtype": "fp32"},
