@@ -35,15 +35,17 @@ def _probe(mode: str, **env: str) -> dict:
 
 def test_kept_freed_memory_stops_faulting_pages_in_and_stops_growing():
     """glibc's default unmaps each freed tensor above 32 MiB, so every step faults all 246 MiB of its
-    large tensors in again; with ``keep_freed_memory`` the heap keeps them: after a few steps no page
-    is faulted in, and the heap has stopped growing, at less than 3 steps' worth of tensors more."""
-    step_pages = (_STEP_MIB << 20) // os.sysconf("SC_PAGE_SIZE")
+    large tensors in again; with ``keep_freed_memory`` the heap keeps them: after a few steps four
+    steps fault in less than 5% of what one default step does, and the heap has stopped growing, at
+    less than 3 steps' worth of tensors more. (Relative to the default's count, so that a kernel that
+    backs them with transparent huge pages, fewer and larger faults, is judged alike.)"""
     default = _probe("default")["rows"]
-    assert all(faults > 0.9 * step_pages for faults, _ in default), default
+    per_step = min(faults for faults, _ in default)  # 4 KiB pages: ~63,000; with THP "always" far fewer
+    assert per_step > 0, default
     keep = _probe("keep")
     rows = keep["rows"]
     assert keep["applied"] is True
-    assert sum(faults for faults, _ in rows[6:]) < 0.05 * step_pages, rows
+    assert sum(faults for faults, _ in rows[6:]) < 0.05 * per_step, (rows, default)
     assert rows[-1][1] - rows[5][1] < _STEP_MIB / 16, f"the heap still grows: {rows}"
     assert rows[-1][1] - default[-1][1] < 3 * _STEP_MIB, f"kept memory beyond 3 steps' tensors: {rows}"
 
