@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-# In a fresh process, 10 "steps" that each make four large tensors (64, 86, 32 and 64 MiB, as a step's
+# In a fresh process, 16 "steps" that each make four large tensors (64, 86, 32 and 64 MiB, as a step's
 # activations and gradients) and free them; per step: minor page faults (pages the kernel hands out
 # afresh) and resident memory after the frees, as JSON.
 _PROBE = """
@@ -16,7 +16,7 @@ def faults():
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 rows = []
-for step in range(10):
+for step in range(16):
     before = faults()
     tensors = [torch.ones(mib << 18) for mib in (64, 86, 32, 64)]
     del tensors
@@ -35,18 +35,21 @@ def _probe(mode: str, **env: str) -> dict:
 
 def test_kept_freed_memory_stops_faulting_pages_in_and_stops_growing():
     """glibc's default unmaps each freed tensor above 32 MiB, so every step faults all 246 MiB of its
-    large tensors in again; with ``keep_freed_memory`` the heap keeps them: after a few steps four
-    steps fault in less than 5% of what one default step does, and the heap has stopped growing, at
-    less than 3 steps' worth of tensors more. (Relative to the default's count, so that a kernel that
-    backs them with transparent huge pages, fewer and larger faults, is judged alike.)"""
+    large tensors in again; with ``keep_freed_memory`` the heap keeps them. It grows for the first few
+    steps (its fragments: glibc's aligned allocations can't reuse a free chunk of exactly their size;
+    here 3 steps, and in about a third of the runs once more, 42 MiB at the 7th), then stops: the last
+    8 steps together fault in less than 5% of what one default step does and the heap no longer grows,
+    at less than 3 steps' worth of tensors over the default. (Faults relative to the default's own
+    count, so that a kernel that backs them with transparent huge pages, fewer and larger faults, is
+    judged alike.)"""
     default = _probe("default")["rows"]
     per_step = min(faults for faults, _ in default)  # 4 KiB pages: ~63,000; with THP "always" far fewer
     assert per_step > 0, default
     keep = _probe("keep")
     rows = keep["rows"]
     assert keep["applied"] is True
-    assert sum(faults for faults, _ in rows[6:]) < 0.05 * per_step, (rows, default)
-    assert rows[-1][1] - rows[5][1] < _STEP_MIB / 16, f"the heap still grows: {rows}"
+    assert sum(faults for faults, _ in rows[8:]) < 0.05 * per_step, (rows, default)
+    assert rows[-1][1] - rows[7][1] < _STEP_MIB / 16, f"the heap still grows: {rows}"
     assert rows[-1][1] - default[-1][1] < 3 * _STEP_MIB, f"kept memory beyond 3 steps' tensors: {rows}"
 
 
