@@ -5,9 +5,10 @@ dense step of a model built at the kept width (half the query / KV heads, half t
 own fused AdamW over its own, smaller, parameters): the speed a perfectly free slicing would reach,
 and then some (its optimizer has half the work). Median of 15 interleaved repetitions after a
 warm-up; then a torch.profiler table of 5 SAT steps: the slicing's own operators and their share of
-the step's operator time.
+the step's operator time; then, 8 profiled steps each, the operators whose time differs most between
+the SAT step and the kept-width model's (where SAT's extra time goes).
 
-    .venv/bin/python docs/benchmark/step/small_probe/probe.py > docs/benchmark/step/small_probe/probe.txt
+    .venv/bin/python docs/benchmark/step/small_probe/probe.py > docs/benchmark/step/small_probe/probe.txt  (torch.profiler prints USDT lines there too)
 """
 import copy
 import statistics
@@ -74,3 +75,17 @@ for key in slicing:
     print(f"| {key} | {self_ms.get(key, 0.0):.1f} | {self_ms.get(key, 0.0) / total:.1%} |")
 print(f"| aten::fill_ (zero-filling, the full-size gradients' and others) | {self_ms.get('aten::fill_', 0.0):.1f} "
       f"| {self_ms.get('aten::fill_', 0.0) / total:.1%} |")
+
+per_op = {}
+for k in ["SAT r=0.5", "kept-width model"]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(8):
+            step(k)
+    per_op[k] = {e.key: e.self_cpu_time_total / 8e3 for e in prof.key_averages()}
+sat, narrow_ms = per_op["SAT r=0.5"], per_op["kept-width model"]
+print(f"\nSAT r=0.5 against the kept-width model under torch.profiler (8 steps each): {sum(sat.values()):.1f} "
+      f"against {sum(narrow_ms.values()):.1f} ms of operator time per step; the 15 largest differences")
+print("| operator | SAT ms | kept-width ms | difference |\n|---|---|---|---|")
+for key in sorted(set(sat) | set(narrow_ms), key=lambda x: -abs(sat.get(x, 0.0) - narrow_ms.get(x, 0.0)))[:15]:
+    a, b = sat.get(key, 0.0), narrow_ms.get(key, 0.0)
+    print(f"| {key} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
