@@ -100,3 +100,52 @@ def test_bf16_vcycle_sat_trains_resumes_and_exports(tmp_path, stage):
     as_bf16, as_fp32 = _export_losses(whole, blocks=2 * 2 * 4)
     assert as_bf16 == pytest.approx(final_val, rel=1e-4)
     assert as_fp32 == pytest.approx(final_val, rel=1e-3)
+
+
+def _first_adamw_step_under_zero0_bf16(weight_decay: float) -> dict:
+    """Build a bf16 ZeRO-0 engine (DeepSpeed's FP16_UnfusedOptimizer around torch's AdamW) and take one
+    step; returns the fp32 masters before the engine, after it was built and after the step, and
+    Adam's step counts."""
+    from ds_accel.config import TrainConfig
+    from ds_accel.engine.build import make_engine
+    from ds_accel.engine.transitions import adam_step, inner_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(torch.bfloat16)
+    cfg = TrainConfig()
+    cfg.optim.lr, cfg.optim.weight_decay = 1e-3, weight_decay
+    ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 0}}
+    before = [p.detach().float().clone() for p in model.parameters()]
+    engine = make_engine(model, cfg, ds)
+    masters = [p for group in inner_optimizer(engine.optimizer).param_groups for p in group["params"]]
+    built = [p.detach().clone() for p in masters]
+    steps = [adam_step(engine.optimizer)]
+    x = torch.randn(8, 16).to(torch.bfloat16)
+    engine.backward(engine(x).float().pow(2).mean())
+    engine.step()
+    steps.append(adam_step(engine.optimizer))
+    return {"wrapper": type(engine.optimizer).__name__, "before": before, "built": built,
+            "stepped": [p.detach().clone() for p in masters], "steps": steps}
+
+
+def test_first_adamw_step_under_zero0_bf16_is_adamws_first():
+    """DeepSpeed's bf16 wrapper without ZeRO steps the optimizer once with zero gradients while it is built.
+    That step must leave no trace (engine.build): the masters equal the model's weights, Adam's count is
+    0, and the first real step is AdamW's first: decay by lr * wd, then lr * g / (|g| + eps), i.e. lr per
+    element whose gradient is far above eps. (Counted as step 1, the construction step made the first
+    update (1 - b1) / (1 - b1^2) / sqrt((1 - b2) / (1 - b2^2)) = 0.74 of that, and the decay applied twice.)"""
+    lr, wd = 1e-3, 0.1
+    out = run_ranks(_first_adamw_step_under_zero0_bf16, 1, wd)[0]
+    assert out["wrapper"] == "FP16_UnfusedOptimizer"  # the case this guards; ZeRO-1..3 take no such step
+    assert out["steps"] == [0, 1]
+    shapes = sorted(tuple(p.shape) for p in out["before"])
+    assert shapes == sorted(tuple(p.shape) for p in out["built"])
+    for built in out["built"]:
+        match = [b for b in out["before"] if b.shape == built.shape and torch.equal(b, built)]
+        assert match, "the masters moved while the engine was built"
+    decay = {2: 1 - lr * wd, 1: 1.0}  # weight decay on matrices only (engine.build.param_groups)
+    for built, stepped in zip(out["built"], out["stepped"]):
+        update = (built * decay[built.dim()] - stepped) / lr
+        moved = update.abs()
+        assert torch.quantile(moved.flatten(), 0.1) > 0.99 and moved.max() < 1.01, moved

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import gc
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +116,42 @@ def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
                              fused=True)
 
 
+@contextmanager
+def _inert_construction_step(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Make a zero-gradient step that a wrapper takes while it is built leave no trace.
+
+    DeepSpeed's low-precision wrapper without ZeRO (``FP16_UnfusedOptimizer``: bf16 or fp16 at ZeRO-0
+    with a torch optimizer) steps the optimizer once with zero gradients inside ``deepspeed.initialize``
+    to create its state. At the run's LR that step applies AdamW's weight decay once and counts as
+    Adam's step 1, so the first real step used step 2's bias correction: about 0.74 of Adam's first
+    update. Here LR and weight decay are 0 while the engine is built, and a state created then is
+    reset to step 0 with zero moments: the first real step is AdamW's first (tests/test_bf16.py).
+    """
+    saved = [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = 0.0, 0.0
+    try:
+        yield
+    finally:
+        if len(optimizer.param_groups) != len(saved):
+            raise RuntimeError("deepspeed.initialize changed the optimizer's parameter groups; "
+                               "cannot restore their LR and weight decay")
+        for group, (lr, weight_decay) in zip(optimizer.param_groups, saved):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if key in ("step", "exp_avg", "exp_avg_sq") and torch.is_tensor(value):
+                value.zero_()
+
+
 def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
     """``deepspeed.initialize`` with a fresh AdamW (the V-cycle's optimizer policy is `fresh`)."""
     optimizer = adamw(model, cfg.optim)
     mpu = None
     if cfg.model.backend == "megatron":  # Megatron's parallel state: DeepSpeed's data-parallel and TP groups
         from ..megatron import mpu
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds), mpu=mpu)
+    with _inert_construction_step(optimizer):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=copy.deepcopy(ds), mpu=mpu)
     return engine
 
 
