@@ -71,7 +71,8 @@ def _step(checkpointing: dict | None, sat: bool):
         loss.backward()
     tracker.update()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return {"forwards": counts, "records": records, "gathers": slices.gathers if sat else 0, "loss": loss.detach(),
+    return {"forwards": counts, "records": records, "gathers": slices.gathers if sat else 0,
+            "direct": slices.direct if sat else None, "loss": loss.detach(),
             "grads": grads, "scores": tracker.flat()}
 
 
@@ -82,6 +83,8 @@ def test_checkpointing_recomputes_every_layer_once_and_changes_nothing(sat):
     if sat:
         assert plain["records"] == {"heads": LAYERS, "channels": LAYERS}
         assert plain["gathers"] == 4 * len(KEEP_HEADS) + 3 * len(KEEP_CHANNELS)  # q, k, v, o / gate, up, down
+        # one use per weight: plain index_select; recomputed: the gather-once slices (so the two are compared)
+        assert plain["direct"] and not any(run["direct"] for run in recomputed)
     for mode, run in zip(CHECKPOINTING[1:], recomputed):
         assert run["forwards"] == [2] * LAYERS, f"{mode}: not every decoder layer was recomputed once"
         assert torch.equal(run["loss"], plain["loss"])

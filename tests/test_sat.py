@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ds_accel.sat import (LORS, ImportanceTracker, guard_omitted, kept_fraction, num_kept, omit,
                           omitted_slices, select, select_heads, select_topk, select_topk_balanced)
+from ds_accel.sat.omit import StepSlices
 
 HEADS, KV_HEADS, HEAD_DIM, CHANNELS, VOCAB = 8, 2, 4, 97, 61
 # Layer 0: irregular GQA selection using both KV heads; layer 1: only KV head 0 is used.
@@ -462,6 +463,24 @@ def test_an_unfinished_accumulated_step_is_an_error():
         with omit(model, KEEP_HEADS, KEEP_CHANNELS, micro_batches=4):
             for seed in range(3):
                 model(**batch(seed=seed)).loss.backward()
+
+
+def test_direct_slices_stay_correct_when_a_weight_is_used_twice():
+    """Plain index_select slices (one micro-batch, no recomputation) are chosen by omit(); if a weight is used
+    twice after all, each use gathers again and the gradients add: two micro-batches in one such context
+    give the gather-once implementation's gradients (float64), with twice the gathers."""
+    model = tiny_model(bias=True)
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS) as slices:
+        assert slices.direct
+        for seed in range(2):
+            (model(**batch(seed=seed)).loss / 2).backward()
+    direct = {n: p.grad.clone() for n, p in model.named_parameters()}
+    once_loss, once_grads, once_gathers = _accumulated_step(2, per_micro_batch=False)
+    for name, grad in once_grads.items():
+        assert relative_error(direct[name], grad) < 1e-13, name
+    assert slices.gathers == 2 * once_gathers
+    with pytest.raises(ValueError, match="direct=True.*micro_batches=1"):
+        StepSlices(micro_batches=2, direct=True)
 
 
 @pytest.mark.parametrize("seed", range(40))
