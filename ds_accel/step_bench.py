@@ -2,8 +2,9 @@
 
 A step is forward + backward + AdamW (the trainer's: fused, norms not decayed), on the device the
 run has (CPU here, keeping freed memory as a training process does; CUDA with a synchronize before
-every clock read), timed as the median of interleaved repetitions: dense and every (policy, rate) take
-turns, so drift in machine load hits all alike. Each SAT step does what the trainer does per
+every clock read), in interleaved rounds: dense and every (policy, rate) take turns, and a speedup is
+the median over rounds of dense's time over SAT's in the same round, so drift in machine load hits
+both sides of each ratio alike. Each SAT step does what the trainer does per
 step: resolve the selection, one ``omit`` context (weight slices gathered once), the optimizer step with
 the policy's guard (``freeze``) or none (``adam``). Beside each measured speedup stands the FLOPs limit
 of the very selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
@@ -122,7 +123,10 @@ def _synchronize(device: torch.device) -> None:
 
 def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.device, dtype: torch.dtype,
                 policies: tuple[str, ...] = POLICIES, granularity: str = "kv_group") -> dict[str, dict]:
-    """{policy: {rate: {dense_ms, sat_ms, measured_speedup, flops_limit_speedup}}} for one shape."""
+    """{policy: {rate: {dense_ms, sat_ms, measured_speedup, speedup_range, flops_limit_speedup, *_rounds}}} for
+    one shape. The speedup is the median over rounds of dense's time over SAT's in the same round (with its
+    range): the drift of a shared machine moves both steps of a round alike, and medians of the two taken
+    apart would mix rounds that ran at different speeds."""
     model, data = _build(shape, device, dtype)
     optimizer = adamw(model, OptimConfig(lr=1e-4))  # the trainer's AdamW (fused), its groups and defaults
     guard = OmittedStateGuard(optimizer)
@@ -153,17 +157,21 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
         for k in kinds:
             times[k].append(step(*k))
     guard.remove()
-    dense = statistics.median(times[(0.0, "dense")])
+    dense_times = times[(0.0, "dense")]
     conf, tokens = shape.config, shape.batch * shape.seq_len
     dense_flops = train_flops(conf, tokens, shape.seq_len)
     result: dict[str, dict] = {}
     for policy in policies:
         result[policy] = {}
         for r in rates:
-            sat = statistics.median(times[(r, policy)])
+            sat_times = times[(r, policy)]
+            ratios = [d / s for d, s in zip(dense_times, sat_times)]
             sat_flops = train_flops(conf, tokens, shape.seq_len, _widths(model, conf, *selections[r]))
-            result[policy][str(r)] = {"dense_ms": dense * 1e3, "sat_ms": sat * 1e3, "measured_speedup": dense / sat,
-                                      "flops_limit_speedup": dense_flops / sat_flops}
+            result[policy][str(r)] = {
+                "dense_ms": statistics.median(dense_times) * 1e3, "sat_ms": statistics.median(sat_times) * 1e3,
+                "measured_speedup": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
+                "flops_limit_speedup": dense_flops / sat_flops,
+                "dense_ms_rounds": [t * 1e3 for t in dense_times], "sat_ms_rounds": [t * 1e3 for t in sat_times]}
     return result
 
 
@@ -182,7 +190,7 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
     per_shape: dict[str, dict] = {}
     for name in names:
         shape = known[name]
-        reps = (5 if quick else 9) if shape.whole_model else 5
+        reps = (5 if quick else 15) if shape.whole_model else 5
         for pol, by_rate in bench_shape(shape, list(rates), reps, device, dtype).items():
             per_shape[f"{name} {pol}"] = {"seq_len": shape.seq_len, "tokens": shape.batch * shape.seq_len,
                                           "policy": pol, "rates": by_rate}
@@ -196,11 +204,13 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
 
 def table(result: dict) -> str:
     lines = ["| shape | tokens | policy | omission rate | dense step (ms) | SAT step (ms) | measured speedup "
-             "| FLOPs-limit speedup | share of limit |", "|---|---|---|---|---|---|---|---|---|"]
+             "| range over rounds | FLOPs-limit speedup | share of limit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in result["shapes"].items():
         for r, v in entry["rates"].items():
+            low, high = v.get("speedup_range", [float("nan")] * 2)
             lines.append(f"| {name.rsplit(' ', 1)[0]} | {entry.get('tokens', '')} | {entry['policy']} | {r} "
                          f"| {v['dense_ms']:.1f} | {v['sat_ms']:.1f} | {v['measured_speedup']:.2f}x "
+                         f"| {low:.2f}-{high:.2f}x "
                          f"| {v['flops_limit_speedup']:.2f}x | {v['measured_speedup'] / v['flops_limit_speedup']:.0%} |")
     return "\n".join(lines)
 
@@ -250,7 +260,8 @@ def step_only(out: Path, quick: bool = False) -> dict:
         result["zero1_bookkeeping"] = [zero1_bookkeeping(out / "zero1", p) for p in POLICIES]
     (out / "sat_step.json").write_text(json.dumps(result, indent=1))
     lines = [f"SAT training step against dense on {result['device']} ({result['dtype']}, "
-             f"{result['threads']} threads): forward + backward + AdamW, median of interleaved repetitions.", "",
+             f"{result['threads']} threads): forward + backward + AdamW; speedup: median over interleaved rounds "
+             "of dense's time over SAT's in the same round.", "",
              table(result)]
     for b in result.get("zero1_bookkeeping", []):
         lines += ["", f"ZeRO-1, 2 ranks, small preset, SAT rate 0.5, `{b['policy']}`: bookkeeping "

@@ -67,8 +67,8 @@ with profile(activities=[ProfilerActivity.CPU]) as prof:
         step("SAT r=0.5")
 self_ms = {e.key: e.self_cpu_time_total / 5e3 for e in prof.key_averages()}
 total = sum(self_ms.values())
-slicing = ["aten::index_select", "aten::index_copy_", "aten::index_add_", "aten::new_zeros", "aten::zero_",
-           "_SlicedWeight", "_SlicedWeightBackward"]
+slicing = ["aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::new_zeros", "aten::zero_",
+           "IndexSelectBackward0", "aten::index_copy_", "_SlicedWeight", "_SlicedWeightBackward"]
 print(f"\nSAT r=0.5 under torch.profiler: {total:.1f} ms of operator time per step")
 print("| operator | ms per step | share |\n|---|---|---|")
 for key in slicing:
