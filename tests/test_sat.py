@@ -483,6 +483,23 @@ def test_direct_slices_stay_correct_when_a_weight_is_used_twice():
         StepSlices(micro_batches=2, direct=True)
 
 
+def test_gradients_every_backward_of_an_accumulated_step_keep_gathering_once():
+    """An engine that takes the gradients at every backward (ZeRO-2) of a 2-micro-batch step calls
+    omit(micro_batches=1, forwards=2): the slices stay the gather-once kind (one gather per weight for
+    the step), the weights get their gradient at each backward, and the step's gradients are the
+    gather-once step's (float64)."""
+    model = tiny_model(bias=True)
+    with omit(model, KEEP_HEADS, KEEP_CHANNELS, forwards=2) as slices:
+        assert not slices.direct
+        for seed in range(2):
+            (model(**batch(seed=seed)).loss / 2).backward()
+            assert all(p.grad is not None for n, p in model.named_parameters() if "q_proj" in n)
+    _, once_grads, once_gathers = _accumulated_step(2, per_micro_batch=False)
+    for name, p in model.named_parameters():
+        assert relative_error(p.grad, once_grads[name]) < 1e-13, name
+    assert slices.gathers == once_gathers
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_fragment_plan_reads_exactly_the_omitted_elements_of_any_flat_range(seed):
     """A flat fragment [start, start + numel) of a (rows, cols) weight, omitted rows or columns: the plan's

@@ -93,8 +93,9 @@ class DecoderFamily:
     ``decoder_layers(model)``: {layer index: layer}; ``unit_shape(layer)``: its whole-model unit counts;
     ``tensor_parallel(model)``: this rank's TP layout or None; ``resolve(layers, keep_heads, keep_channels,
     shard)``: the step's selection in whatever form the next two reuse (once per step); ``omit(layers,
-    keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved)``: the sliced-step
-    context; ``omitted_slices(layers, keep_heads, keep_channels, shard, resolved)``: which rows / columns
+    keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved, forwards)``: the
+    sliced-step context (``micro_batches``: backward passes per gradient hand-over; ``forwards``: passes
+    per step); ``omitted_slices(layers, keep_heads, keep_channels, shard, resolved)``: which rows / columns
     of which parameter the step omits; ``device(layer)``: where its weights live.
     """
 
@@ -111,9 +112,9 @@ def _hf_unit_shape(layer: torch.nn.Module) -> UnitShape:
     return UnitShape.of(layer.self_attn.config)  # the full shape: under AutoTP the layers hold blocks of it
 
 
-def _hf_omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved):
+def _hf_omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved, forwards):
     return omit(layers, keep_heads, keep_channels, tracker, shard=shard, micro_batches=micro_batches,
-                keep_slices=keep_slices, selection=resolved)
+                keep_slices=keep_slices, selection=resolved, forwards=forwards)
 
 
 HF_LLAMA = DecoderFamily(decoder_layers=decoder_layers, unit_shape=_hf_unit_shape, tensor_parallel=tensor_parallel,
@@ -252,7 +253,7 @@ class SATController:
     def omitting(self):
         """Context for every forward + backward of the step: sliced layers, importance recorded in the same pass."""
         return self.family.omit(self.layers, self.keep_heads, self.keep_channels, self.tracker, self._shard,
-                                self.emit_every, not self.zero3, self.selection)
+                                self.emit_every, not self.zero3, self.selection, self.micro_batches)
 
     def omitted(self) -> list[OmittedSlice]:
         """This step's omitted slices of the parameters this rank holds (local indices under TP)."""

@@ -80,7 +80,7 @@ def _tensor_parallel(model: Any) -> TensorParallel | None:
                           parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_data_parallel_group())
 
 
-def _omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved):
+def _omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved, forwards):
     return msat.omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches=micro_batches,
                      keep_slices=keep_slices)
 

@@ -15,9 +15,9 @@ the backward of the last micro-batch (``micro_batches``), as in a dense step wit
 An engine that takes every parameter's gradient in a hook at each backward (ZeRO-2, ``overlap_comm``)
 gets it at each micro-batch instead (``micro_batches=1``; the slices are still gathered once). Omitted
 rows and columns get exactly zero gradient. When each weight is used once in the step (one micro-batch,
-no gradient checkpointing), the slices are plain ``index_select`` calls: autograd's own backward writes the
-same full-size gradient, without a Python function per weight in the forward and the backward (5% of the
-``small`` preset's step on the 2-core CPU). ``keep_slices=False`` gathers at every use instead (ZeRO-3: the slices of all layers held over
+no gradient checkpointing: ``forwards`` is 1), the slices are plain ``index_select`` calls: autograd's own
+backward writes the same full-size gradient, without a Python function per weight in the forward and the
+backward (3% of the ``small`` preset's step on a 2-core CPU). ``keep_slices=False`` gathers at every use instead (ZeRO-3: the slices of all layers held over
 a step would be (1 - r) of the whole model on every rank, undoing the partitioning).
 
 Kept units are not rescaled (unlike dropout): the kept network is a structured subnetwork of the full
@@ -390,7 +390,7 @@ def _no_kv_cache(layers: dict[int, nn.Module]) -> Iterator[None]:
 def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
          tracker: ImportanceTracker | None = None, shard: TensorShard | None = None,
          micro_batches: int = 1, keep_slices: bool = True,
-         selection: dict[int, LayerSelection] | None = None) -> Iterator[StepSlices]:
+         selection: dict[int, LayerSelection] | None = None, forwards: int | None = None) -> Iterator[StepSlices]:
     """Within the context, forward and backward compute only the kept heads and MLP channels.
 
     ``keep_heads`` / ``keep_channels``: {layer index: kept query-head / channel indices}; a layer missing
@@ -402,9 +402,11 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
 
     One context is one optimizer step: ``micro_batches`` forward/backward passes share the weight
     slices, and the weights get their gradient at the last backward (see the module docstring);
-    ``keep_slices=False`` re-gathers the slices at every use. The context yields its
-    :class:`StepSlices` (``.gathers`` counts the weight gathers; ``.direct``: plain ``index_select``
-    slices, chosen for ``micro_batches=1`` without HF gradient checkpointing on the layers).
+    ``keep_slices=False`` re-gathers the slices at every use. ``forwards``: the forward passes the context
+    will run (default ``micro_batches``; more when an engine takes the gradients at every backward of an
+    accumulated step). The context yields its :class:`StepSlices` (``.gathers`` counts the weight
+    gathers; ``.direct``: plain ``index_select`` slices, chosen for one forward without HF gradient
+    checkpointing on the layers).
 
     ``shard``: under tensor parallelism, this rank's block; the dicts still hold global indices (the
     same on every rank) and the tracker records each unit on the rank that holds it. ``selection``:
@@ -422,7 +424,8 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
     layers = decoder_layers(model_or_layers)
     selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
     recomputed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers.values())
-    slices = StepSlices(micro_batches, keep_slices, direct=micro_batches == 1 and not recomputed)
+    forwards = micro_batches if forwards is None else forwards
+    slices = StepSlices(micro_batches, keep_slices, direct=micro_batches == forwards == 1 and not recomputed)
     host = {index: _host_indices(selection[index], shard) for index in layers}
     device = layers[next(iter(layers))].mlp.down_proj.weight.device
     dev = iter(to_device([t for index in layers for t in host[index]], device))
