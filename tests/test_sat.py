@@ -475,7 +475,7 @@ def test_direct_slices_stay_correct_when_a_weight_is_used_twice():
         for seed in range(2):
             (model(**batch(seed=seed)).loss / 2).backward()
     direct = {n: p.grad.clone() for n, p in model.named_parameters()}
-    once_loss, once_grads, once_gathers = _accumulated_step(2, per_micro_batch=False)
+    _, once_grads, once_gathers = _accumulated_step(2, per_micro_batch=False)
     for name, grad in once_grads.items():
         assert relative_error(direct[name], grad) < 1e-13, name
     assert slices.gathers == 2 * once_gathers

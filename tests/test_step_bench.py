@@ -1,6 +1,7 @@
 """The step benchmark's bookkeeping (its timings are read from its tables, not asserted here)."""
 import statistics
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -20,8 +21,8 @@ def test_speedup_is_the_median_of_paired_rounds_and_the_flops_limit_is_the_selec
         v = by_rate["0.5"]
         ratios = [d / s for d, s in zip(v["dense_ms_rounds"], v["sat_ms_rounds"])]
         assert len(ratios) == 3
-        assert v["measured_speedup"] == statistics.median(ratios), policy
-        assert v["speedup_range"] == [min(ratios), max(ratios)]
+        assert v["measured_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-12), policy
+        assert v["speedup_range"] == pytest.approx([min(ratios), max(ratios)], rel=1e-12)
         assert v["dense_ms"] == statistics.median(v["dense_ms_rounds"])
         assert v["flops_limit_speedup"] > 1.5
     line = step_bench.table({"shapes": {"tiny adam": {"tokens": 32, "policy": "adam", "rates": result["adam"]}}})

@@ -81,6 +81,7 @@ def _tensor_parallel(model: Any) -> TensorParallel | None:
 
 
 def _omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved, forwards):
+    # ``forwards`` is not needed: Megatron's slices are always the gather-once kind
     return msat.omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches=micro_batches,
                      keep_slices=keep_slices)
 

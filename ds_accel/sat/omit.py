@@ -17,8 +17,9 @@ gets it at each micro-batch instead (``micro_batches=1``; the slices are still g
 rows and columns get exactly zero gradient. When each weight is used once in the step (one micro-batch,
 no gradient checkpointing: ``forwards`` is 1), the slices are plain ``index_select`` calls: autograd's own
 backward writes the same full-size gradient, without a Python function per weight in the forward and the
-backward (3% of the ``small`` preset's step on a 2-core CPU). ``keep_slices=False`` gathers at every use instead (ZeRO-3: the slices of all layers held over
-a step would be (1 - r) of the whole model on every rank, undoing the partitioning).
+backward (3% of the ``small`` preset's step on a 2-core CPU). ``keep_slices=False`` gathers at every
+use instead (ZeRO-3: the slices of all layers held over a step would be (1 - r) of the whole model on
+every rank, undoing the partitioning).
 
 Kept units are not rescaled (unlike dropout): the kept network is a structured subnetwork of the full
 one, and LORS ends training dense.
