@@ -6,40 +6,61 @@ drifts by tens of percent between rounds, so only ratios inside a round are comp
 
     .venv/bin/python docs/benchmark/step/small_probe/slices_ab.py 60 > docs/benchmark/step/small_probe/slices_ab.txt
 """
-import importlib, statistics, time, sys
+import importlib
+import statistics
+import sys
+import time
+
 import torch
+
 from ds_accel import runtime, step_bench
 from ds_accel.config import OptimConfig
 from ds_accel.engine.build import adamw
 from ds_accel.sat import omit
 from ds_accel.sat.omit import resolve
-om = importlib.import_module("ds_accel.sat.omit")
-runtime.keep_freed_memory(); torch.set_num_threads(runtime.usable_cores())
+
+omit_module = importlib.import_module("ds_accel.sat.omit")  # the module (ds_accel.sat.omit is the function)
+runtime.keep_freed_memory()
+torch.set_num_threads(runtime.usable_cores())
 model, data = step_bench._build(step_bench.catalogue()["small"], torch.device("cpu"), torch.float32)
-opt = adamw(model, OptimConfig(lr=1e-4))
-kh, kc = step_bench._selection(model, 0.5, "kv_group")
-Plain = om.StepSlices
-class Once(Plain):
-    def __init__(self, micro_batches=1, keep=True, direct=False): super().__init__(micro_batches, keep, direct=False)
-def step(kind):
-    om.StepSlices = Once if kind == "once" else Plain
-    t = time.perf_counter()
-    keeps = ({}, {}) if kind == "dense" else (kh, kc)
+optimizer = adamw(model, OptimConfig(lr=1e-4))
+keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
+PlainSlices = omit_module.StepSlices
+
+
+class GatherOnceSlices(PlainSlices):
+    """omit()'s slices under accumulation or checkpointing, forced for one micro-batch."""
+
+    def __init__(self, micro_batches: int = 1, keep: bool = True, direct: bool = False) -> None:
+        super().__init__(micro_batches, keep, direct=False)
+
+
+def step(kind: str) -> float:
+    omit_module.StepSlices = GatherOnceSlices if kind == "once" else PlainSlices
+    start = time.perf_counter()
+    keeps = ({}, {}) if kind == "dense" else (keep_heads, keep_channels)
     with omit(model, *keeps, selection=resolve(model, *keeps)):
         model(input_ids=data, labels=data, use_cache=False).loss.backward()
-    opt.step(); opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def spread(ratios: list[float]) -> str:
+    q = sorted(ratios)
+    return f"median {statistics.median(ratios):.3f} IQR {q[len(q) // 4]:.3f}-{q[3 * len(q) // 4]:.3f}"
+
+
 kinds = ["dense", "once", "direct"]
-for k in kinds: step(k); step(k)
-T = {k: [] for k in kinds}
-n = int(sys.argv[1])
-for i in range(n):
-    order = kinds if i % 2 == 0 else kinds[::-1]
-    for k in order: T[k].append(step(k))
-for k in kinds:
-    r = [d / s for d, s in zip(T["dense"], T[k])]
-    q = sorted(r)
-    print(f"{k:7s} median {statistics.median(T[k])*1e3:7.1f} ms  paired speedup median {statistics.median(r):.3f} IQR {q[len(q)//4]:.3f}-{q[3*len(q)//4]:.3f}")
-r = [o / d for o, d in zip(T["once"], T["direct"])]
-q = sorted(r)
-print(f"once/direct paired: median {statistics.median(r):.3f} IQR {q[len(q)//4]:.3f}-{q[3*len(q)//4]:.3f}, direct faster in {sum(x > 1 for x in r)}/{len(r)} rounds")
+for kind in kinds:  # warm-up
+    step(kind)
+    step(kind)
+times: dict[str, list[float]] = {kind: [] for kind in kinds}
+for i in range(int(sys.argv[1])):
+    for kind in kinds if i % 2 == 0 else kinds[::-1]:
+        times[kind].append(step(kind))
+for kind in kinds:
+    ratios = [d / t for d, t in zip(times["dense"], times[kind])]
+    print(f"{kind:7s} median {statistics.median(times[kind]) * 1e3:7.1f} ms  paired speedup {spread(ratios)}")
+ratios = [o / d for o, d in zip(times["once"], times["direct"])]
+print(f"once/direct paired: {spread(ratios)}, direct faster in {sum(r > 1 for r in ratios)}/{len(ratios)} rounds")
