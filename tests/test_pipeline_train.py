@@ -23,6 +23,26 @@ def _train(cfg_dict):
     return rows, result
 
 
+def _train_counting_blocks(cfg_dict):
+    """``_train``, and how often this rank ran a decoder block's forward with autograd on: the training
+    forwards and their recomputations, not the evaluations (``eval_batch`` runs under no_grad)."""
+    import torch
+
+    from ds_accel.parallel.pipeline import LlamaPipeBlock
+
+    runs, forward = [0], LlamaPipeBlock.forward
+
+    def counting(self, hidden_states):
+        runs[0] += torch.is_grad_enabled()
+        return forward(self, hidden_states)
+
+    LlamaPipeBlock.forward = counting
+    try:
+        return (*_train(cfg_dict), runs[0])
+    finally:
+        LlamaPipeBlock.forward = forward
+
+
 def _curve(rows):
     return [(r["step"], r["loss"], r.get("val_loss"), r["step_flops"], r["omission_rate"]) for r in rows if "loss" in r]
 
@@ -41,13 +61,26 @@ def test_pipeline_trainer_matches_one_process(tmp_path, sat):
     the same reference in float32 measures float32's own deviation from float64 (e32: largest and RMS
     weight error in units of lr), and the run's exported weights must stay within 2 e32 (losses: 2 e32 +
     4 float32 ulps). A stage stepping with a missing micro-batch, or the tied head's gradient left out of
-    the embedding, is an error of order lr."""
+    the embedding, is an error of order lr.
+
+    The SAT run also recomputes: pp2.json with ``activation_checkpoint_interval: 1`` (DeepSpeed's pipeline
+    engine reads it from the config) runs every decoder block's forward again in the backward, inside
+    the sliced step, so the slices, the importance recorded twice per micro-batch and the step must
+    come out as without it (the reference does not recompute). Counted: each rank runs its blocks'
+    forward twice per micro-batch and step, where the dense run (interval 0) runs it once."""
     extra = {"sat": SAT} if sat else {}
+    ds_config = json.loads((REPO / "ds_configs" / "pp2.json").read_text())
+    ds_config["pipeline"]["activation_checkpoint_interval"] = 1 if sat else 0
+    (tmp_path / "pp2.json").write_text(json.dumps(ds_config))
     single = tiny_overrides(tmp_path / "single", optim={"grad_accum": 2}, run={"export": True}, **extra)
     piped = tiny_overrides(tmp_path / "pp2", optim={"grad_accum": 2}, run={"export": True}, parallel={"pp": 2},
-                           deepspeed={"config": str(REPO / "ds_configs" / "pp2.json")}, **extra)
+                           deepspeed={"config": str(tmp_path / "pp2.json")}, **extra)
     ref_rows, ref = run_ranks(_train, 1, single)[0]
-    rows, result = run_ranks(_train, 2, piped)[0]
+    ranks = run_ranks(_train_counting_blocks, 2, piped)
+    rows, result, _ = ranks[0]
+    blocks_per_stage, steps, micro_batches = 2, piped["run"]["total_steps"], 2  # the tiny preset's 4 layers
+    forwards = [n for *_, n in ranks]
+    assert forwards == [(2 if sat else 1) * blocks_per_stage * steps * micro_batches] * 2, forwards
     for (s1, l1, v1, f1, r1), (s2, l2, v2, f2, r2) in zip(_curve(ref_rows), _curve(rows), strict=True):
         assert (s1, f1, r1) == (s2, f2, r2)  # same steps, FLOPs actually computed and omission rates
         assert l2 == pytest.approx(l1, rel=2e-5) and (v1 is None) == (v2 is None)

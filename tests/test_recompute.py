@@ -13,8 +13,9 @@ recomputation re-runs the sliced forward and records importance a second time; w
   the tracker's per-unit average makes the scores equal to the run without it, bit for bit;
 - the weight slices are taken once per step, not again for the recomputation (``StepSlices.gathers``).
 
-ds_accel's own trainer offers no activation checkpointing (no config field; its pipeline builds
-``PipelineModule`` without ``activation_checkpoint_interval``), so there is nothing of it to count there.
+ds_accel's own trainer has no activation-checkpointing field of its own; under pipeline parallelism
+DeepSpeed reads ``pipeline.activation_checkpoint_interval`` from the DeepSpeed config, and
+tests/test_pipeline_train.py counts that recomputation in the pp=2 SAT run.
 """
 
 from contextlib import nullcontext
