@@ -241,11 +241,14 @@ def test_trainer_vcycle_and_sat_tp2_equal_one_process_and_resume_mid_level(tmp_p
 
 
 @pytest.mark.distributed
-def test_trainer_sat_tp2_at_the_default_eps_matches_the_method_by_hand(tmp_path):
+@pytest.mark.parametrize("zero_stage,policy", [(1, "adam"), (2, "freeze")])
+def test_trainer_sat_tp2_at_the_default_eps_matches_the_method_by_hand(tmp_path, zero_stage, policy):
     """The trainer under tp=2 at the real ``optim.eps`` (1e-8), against SAT driven by hand in float64
     (tests/reference.py: LORS, importance, the balanced top-k over the 2 TP blocks, masked dense model,
-    torch AdamW with the freeze write-back), so that an optimizer-path bug that a larger eps would damp
-    cannot hide: 4 steps at rates 0.5, 0.5, 0.5, 0, gradient accumulation 2, weight decay, clipping.
+    torch AdamW, with the freeze write-back under ``freeze``), so that an optimizer-path bug that a larger
+    eps would damp cannot hide: 4 steps at rates 0.5, 0.5, 0.5, 0, gradient accumulation 2, weight decay,
+    clipping. tp2.json's ZeRO-1 with the default ``adam`` policy, and ZeRO-2 (gradients reduced at every
+    backward, partitioned over the data-parallel group of one) with ``freeze``.
 
     Tolerance from float error, as tests/test_reference_sat.py argues: TP sums the row-parallel partial
     outputs and the replicated parameters' gradients in another order than one process, and Adam turns a
@@ -258,8 +261,12 @@ def test_trainer_sat_tp2_at_the_default_eps_matches_the_method_by_hand(tmp_path)
 
     cfg = tiny_overrides(tmp_path / "tp2", run={"total_steps": 4, "eval_every": 4, "export": True},
                          optim={"micro_batch_size": 2, "grad_accum": 2, "weight_decay": 0.1},
-                         sat={"enabled": True, "omission_rate": 0.5, "stage1_fraction": 0.5, "rungs": 2},
-                         deepspeed={"config": str(REPO / "ds_configs" / "tp2.json")})
+                         sat={"enabled": True, "omission_rate": 0.5, "stage1_fraction": 0.5, "rungs": 2,
+                              "optimizer_policy": policy},
+                         deepspeed={"config": str(tmp_path / "tp2.json")})
+    ds_config = json.loads((REPO / "ds_configs" / "tp2.json").read_text())
+    ds_config["zero_optimization"]["stage"] = zero_stage
+    (tmp_path / "tp2.json").write_text(json.dumps(ds_config))
     assert "eps" not in cfg["optim"]
     rows = run_ranks(train_rows, 2, cfg)[0]
     check_sat_run(cfg, rows, tmp_path / "tp2" / "export", shards=2)
