@@ -1,4 +1,5 @@
-"""SAT inside real DeepSpeed engines, 2 gloo ranks under ZeRO 0-3, against an independent reference.
+"""SAT inside real DeepSpeed engines, 2 gloo ranks under ZeRO 0-3 (and ZeRO-Offload at 2-3), against an
+independent reference.
 
 The reference is plain torch in float64, one process, no ds_accel code on the path: the dense model with
 the omitted units' outputs multiplied by zero (a mask on the o_proj / down_proj input), the whole global
@@ -60,21 +61,24 @@ def _full_state(engine, stepped: bool = True):
     return out
 
 
-def _sat_steps(stage: int, policy: str):
+def _sat_steps(stage: int, policy: str, offload: bool = False):
     from ds_accel import runtime
     from ds_accel.config import from_dict
     from ds_accel.engine.build import make_engine, new_model, resolve_ds_config
-    from ds_accel.engine.sat import SATController
+    from ds_accel.engine.sat import SATController, inner_optimizer
     from ds_accel.models import llama_config
 
     world, rank = runtime.world_size(), runtime.rank()
+    ds_json = REPO / "ds_configs" / f"zero{stage}{'_offload' if offload else ''}.json"
     cfg = from_dict(tiny_overrides("/tmp/unused", optim={"micro_batch_size": MICRO * 2 // world, "grad_accum": ACCUM,
                                                          "weight_decay": 0.1, "lr": LR, "grad_clip": 0.0},
                                    run={"total_steps": 2 * STEPS},
                                    sat={"enabled": True, "optimizer_policy": policy},
-                                   deepspeed={"config": str(REPO / "ds_configs" / f"zero{stage}.json")}))
+                                   deepspeed={"config": str(ds_json)}))
     ds = resolve_ds_config(cfg, world)
     engine = make_engine(new_model(llama_config("tiny", VOCAB), ds, seed=2), cfg, ds)
+    offloaded = type(inner_optimizer(engine.optimizer)).__name__ == "DeepSpeedCPUAdam"
+    assert offloaded == offload and engine.zero_cpu_offload() == offload
     sat = SATController(cfg.sat, engine.module, cfg.run.total_steps, seed=0, micro_batches=ACCUM)
     sat.attach(engine.optimizer)
     data = _data(world)
@@ -204,9 +208,12 @@ def one_process():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_freeze_policy_under_zero_matches_the_reference(one_process, stage):
-    ranks = run_ranks(_sat_steps, 2, stage, "freeze")
+@pytest.mark.parametrize("stage,offload", [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)],
+                         ids=["zero0", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"])
+def test_freeze_policy_under_zero_matches_the_reference(one_process, stage, offload):
+    """``offload``: ZeRO-Offload (ds_configs/zero{2,3}_offload.json): DeepSpeedCPUAdam steps the master
+    weights and moments in host memory, and the guard saves and restores their omitted part there."""
+    ranks = run_ranks(_sat_steps, 2, stage, "freeze", offload)
     for r in ranks:
         assert r["keeps"] == one_process["keeps"], "selection differs from one process / between ranks"
         assert all(r["frozen"]) and len(r["frozen"]) > 40, f"an omitted weight or moment moved under ZeRO-{stage}"

@@ -5,7 +5,9 @@ values written "auto" there are filled from the run config, so batch size, clipp
 are set in one place. A concrete value that disagrees with the run config is an error rather than
 a silent winner. The optimizer is torch's fused AdamW passed to ``deepspeed.initialize``: one ATen
 kernel on CPU and CUDA alike (no JIT-built DeepSpeed op), about nine times faster on a 2-core CPU than
-torch's per-tensor loop there (docs/benchmark/step/adamw_probe/).
+torch's per-tensor loop there (docs/benchmark/step/adamw_probe/). Under ZeRO-Offload
+(``zero_optimization.offload_optimizer``) the master weights and moments live in host memory and the
+optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` (AdamW mode), the one DeepSpeed accepts there.
 """
 
 from __future__ import annotations
@@ -110,10 +112,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
-    """The run's optimizer (see the module docstring); the step benchmark times the same one."""
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=True)
+def adamw(model: torch.nn.Module, o: OptimConfig, offload: bool = False) -> torch.optim.Optimizer:
+    """The run's optimizer (see the module docstring); the step benchmark times the same one.
+    ``offload``: ZeRO-Offload's host-side AdamW (DeepSpeed JIT-builds its op at the first use, once)."""
+    groups, betas = param_groups(model, o.weight_decay), (o.beta1, o.beta2)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True)
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    """The DeepSpeed config puts the optimizer in host memory or on NVMe (ZeRO-Offload)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
 
 
 @contextmanager
@@ -146,7 +159,7 @@ def _inert_construction_step(optimizer: torch.optim.Optimizer) -> Iterator[None]
 
 def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
     """``deepspeed.initialize`` with a fresh AdamW (the V-cycle's optimizer policy is `fresh`)."""
-    optimizer = adamw(model, cfg.optim)
+    optimizer = adamw(model, cfg.optim, offload=offloads_optimizer(ds))
     mpu = None
     if cfg.model.backend == "megatron":  # Megatron's parallel state: DeepSpeed's data-parallel and TP groups
         from ..megatron import mpu
