@@ -213,16 +213,18 @@ def test_moment_transfer_equals_operators_under_every_zero_stage_and_one_process
 
 
 @pytest.mark.distributed
-def test_vcycle_with_moment_transfer_zero3_two_ranks_resumed_equals_one_process(tmp_path):
+def test_vcycle_with_moment_transfer_zero3_offload_two_ranks_resumed_equals_one_process(tmp_path):
     """The trainer with optimizer_policy transfer (authors' schedule, 2 warm-up steps after each transition):
-    ZeRO-3 on 2 ranks, stopped inside level 2 (after the moments moved) and resumed, reproduces the single
-    process's losses; fresh moments give the same loss on the first step after coalescing (same weights)
-    and different losses from the first update on."""
+    ZeRO-3 with the optimizer offloaded to the host (ds_configs/zero3_offload.json: DeepSpeedCPUAdam, moments
+    read and written in host memory) on 2 ranks, stopped inside level 2 (after the moments moved) and
+    resumed, reproduces the single process's losses; fresh moments give the same loss on the first step
+    after coalescing (same weights) and different losses from the first update on. (Plain ZeRO-3: the
+    transfer in the test above, stop and resume in test_vcycle_zero3_two_ranks_equals_one_process_...)"""
     ml = {**ML, "optimizer_policy": "transfer", "lr_schedule": "authors", "transition_warmup": 2}
     single = _losses(run_ranks(train_rows, 1, tiny_overrides(tmp_path / "single", optim={"micro_batch_size": 8},
                                                               multilevel=ml))[0])
     two = tiny_overrides(tmp_path / "two", optim={"micro_batch_size": 4}, multilevel=ml,
-                         deepspeed={"config": str(REPO / "ds_configs" / "zero3.json")})
+                         deepspeed={"config": str(REPO / "ds_configs" / "zero3_offload.json")})
     run_ranks(train_rows, 2, two, 3)
     resumed = _losses(run_ranks(train_rows, 2, two, None, True)[0])
     assert [(s, lv) for s, lv, _ in resumed] == [(s, lv) for s, lv, _ in single] and len(single) == 8
