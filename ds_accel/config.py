@@ -163,6 +163,17 @@ _CHOICES = {
 }
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config dict (0 without a ``zero_optimization`` section)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    """The DeepSpeed config puts the optimizer state in host memory or on NVMe (ZeRO-Offload)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
     """Coerce ints (and YAML's unparsed exponents like "1e-3") to floats where a float is declared;
     reject everything else that does not fit."""

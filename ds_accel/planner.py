@@ -5,7 +5,9 @@ Memory of the busiest rank (the pipeline stage with the largest total), per V-cy
 * model states, bytes per parameter held: bf16 mixed precision keeps a 2-byte bf16 parameter, a
   2-byte bf16 gradient and 12 bytes of optimizer state (fp32 master copy + AdamW's m and v); fp32
   training keeps 4 + 4 + 8. ZeRO-1 divides the optimizer state by the data-parallel degree dp,
-  ZeRO-2 also the gradients, ZeRO-3 also the parameters.
+  ZeRO-2 also the gradients, ZeRO-3 also the parameters. ZeRO-Offload (``offload_optimizer``) moves the
+  optimizer state, still divided by dp, and SAT's ``freeze`` snapshot of it to host memory (printed
+  apart); the GPU's parameters and gradients are counted as without it (an upper bound).
 * a rank holds 1/tp of every projection matrix (q, k, v, o, gate, up, down) and of the embedding and
   LM head (vocab split tp ways), and full copies of the RMSNorm weights; pipeline stage s holds
   its share of the layers (the first L mod pp stages one more), stage 0 the embedding and the last
@@ -55,7 +57,8 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
-from .config import ConfigError, MultiLevelConfig, SATConfig, TrainConfig, config_path
+from .config import (ConfigError, MultiLevelConfig, SATConfig, TrainConfig, config_path, offloads_optimizer,
+                     zero_stage)
 from .flops import LayerWidth, head_dim, train_flops
 from .models import PRESETS, model_config
 from .multilevel.vcycle import level_configs
@@ -76,6 +79,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     zero: int = 1
+    offload: bool = False  # ZeRO-Offload: the optimizer state lives in host memory
 
     @property
     def world(self) -> int:
@@ -123,6 +127,7 @@ class LevelMemory:
     activations: float
     sat_activations: float | None  # at the configured omission rate; None when SAT is off
     sat_extra: SATExtra | None = None  # SAT's own memory at the configured rate; None when SAT is off
+    host: float = 0.0  # optimizer state in host memory under ZeRO-Offload (not in ``total``)
 
     @property
     def total(self) -> float:
@@ -233,11 +238,13 @@ def level_memory(level: int, conf: LlamaConfig, layout: Layout, work: Workload,
     for s, (n_params, layers) in enumerate(zip(stage_params(conf, layout.tp, pp),
                                                stage_layers(conf.num_hidden_layers, pp))):
         in_flight = layers * min(pp - s, work.grad_accum)
+        optimizer = n_params * o_bytes / (dp if zero >= 1 else 1)
         stages.append(LevelMemory(
             level, conf, s, layers,
             params=n_params * p_bytes / (dp if zero >= 3 else 1),
             grads=n_params * g_bytes / (dp if zero >= 2 else 1),
-            optimizer=n_params * o_bytes / (dp if zero >= 1 else 1),
+            optimizer=0.0 if layout.offload else optimizer,
+            host=optimizer if layout.offload else 0.0,
             activations=in_flight * layer_activations(conf, work, layout.tp),
             sat_activations=None if sat_width is None else in_flight * layer_activations(conf, work, layout.tp, sat_width),
             sat_extra=None if sat is None else sat_extra(conf, layers, layout, work, sat),
@@ -288,6 +295,9 @@ def validate_layout(layout: Layout, levels: Sequence[LlamaConfig]) -> None:
     if layout.world % (layout.tp * layout.pp):
         raise ConfigError(f"--tp/--pp: tp x pp = {layout.tp * layout.pp} must divide the {layout.world} ranks "
                           f"(--nodes x --gpus-per-node); choose tp and pp whose product divides {layout.world}")
+    if layout.offload and layout.zero == 0:
+        raise ConfigError("--offload: ZeRO-Offload partitions the optimizer state, which ZeRO-0 does not; "
+                          "use --zero 1, 2 or 3 with --offload")
     if layout.zero >= 2 and layout.pp > 1:
         raise ConfigError(f"--zero: DeepSpeed's pipeline engine refuses ZeRO stage {layout.zero}; use --zero 1 "
                           "(or 0) with --pp > 1, or --pp 1")
@@ -331,7 +341,8 @@ def format_plan(plan: Plan) -> str:
     rate = f"SAT r={plan.sat.omission_rate:g}" if plan.sat is not None else "SAT off"
     lines = [
         f"{plan.model} on {lay.nodes} node(s) x {lay.gpus_per_node} GPUs = {lay.world} ranks: "
-        f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{lay.zero}, {work.dtype}"
+        f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp}, ZeRO-{lay.zero}{' + optimizer offload' if lay.offload else ''}, "
+        f"{work.dtype}"
         f"{' mixed precision' if work.dtype == 'bf16' else ''}",
         f"seq {work.seq_len} x micro-batch {work.micro_batch}, grad accum {work.grad_accum}, {work.attention} attention",
         "",
@@ -350,6 +361,11 @@ def format_plan(plan: Plan) -> str:
                       "slices + their accumulated gradients + frozen-state snapshot"]
         lines += [f"  level {m.level}: {_gib(m.sat_extra.slices)} + {_gib(m.sat_extra.slice_grads)} + "
                   f"{_gib(m.sat_extra.frozen)} = {_gib(m.sat_extra.total)}" for m in plan.levels]
+        if lay.offload:
+            lines.append("  (the frozen-state snapshot is taken in host memory, where the offloaded state lives)")
+    if lay.offload:
+        lines += ["", "host memory per rank, ZeRO-Offload's optimizer state (GiB): "
+                  + ", ".join(f"level {m.level} {_gib(m.host)}" for m in plan.levels)]
     lines.append("")
     if plan.multilevel is None:
         lines.append("V-cycle: off (multilevel.enabled is false)")
@@ -371,8 +387,6 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _zero_stage(ds_config: str) -> int:
-    return json.loads(Path(ds_config).read_text()).get("zero_optimization", {}).get("stage", 0)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -395,8 +409,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         ("--grad-accum", work.grad_accum)):
         if value < 1:
             raise ConfigError(f"{flag}: must be >= 1, got {value}")
-    zero = args.zero if args.zero is not None else (_zero_stage(cfg.deepspeed.config) if args.config else 1)
-    layout = Layout(args.nodes, args.gpus_per_node, args.tp, args.pp, zero)
+    ds = json.loads(Path(cfg.deepspeed.config).read_text()) if args.config else {"zero_optimization": {"stage": 1}}
+    zero, offload = zero_stage(ds), offloads_optimizer(ds)
+    zero = args.zero if args.zero is not None else zero
+    layout = Layout(args.nodes, args.gpus_per_node, args.tp, args.pp, zero, args.offload or offload)
     conf = model_config(cfg.model, cfg.data.vocab_size)
     print(format_plan(make_plan(cfg.model.pretrained or cfg.model.preset, cfg, conf, layout, work)))
     return 0
@@ -416,6 +432,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
                    help="ZeRO stage (default: the config's DeepSpeed JSON, else 1)")
+    p.add_argument("--offload", action="store_true",
+                   help="ZeRO-Offload: optimizer state in host memory (default: as the config's DeepSpeed JSON)")
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len of the config, else 4096")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="per-rank micro-batch (default: optim.micro_batch_size of the config, else 1)")

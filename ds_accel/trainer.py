@@ -19,11 +19,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, runtime
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, zero_stage
 from .data import BlockSampler, Corpus, load_tokenizer, prepare
-from .config import ConfigError
 from .engine import elastic
-from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr, zero_stage
+from .engine.build import free_engine, make_engine, new_model, new_pipeline_model, resolve_ds_config, set_lr
 from .engine.export import export_hf
 from .engine.sat import HF_LLAMA, NoSAT, SATController
 from .engine.transitions import LevelParams, coalesce_into, decoalesce_into, keep_shards

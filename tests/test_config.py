@@ -86,3 +86,20 @@ def test_ds_config_conflict_is_named(tmp_path):
     cfg = from_dict(tiny_overrides(tmp_path, deepspeed={"config": str(path)}))
     with pytest.raises(ConfigError, match="optim.micro_batch_size"):
         resolve_ds_config(cfg, 1)
+
+
+def test_optimizer_offload_without_zero_is_named(tmp_path):
+    import json
+
+    from ds_accel.engine.build import resolve_ds_config
+
+    ds = json.loads((REPO / "ds_configs" / "zero2_offload.json").read_text())
+    ds["zero_optimization"]["stage"] = 0
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = from_dict(tiny_overrides(tmp_path, deepspeed={"config": str(path)}))
+    with pytest.raises(ConfigError, match=r"^deepspeed.config: zero_optimization.offload_optimizer needs ZeRO stage 1-3"):
+        resolve_ds_config(cfg, 1)
+    ds["zero_optimization"]["offload_optimizer"]["device"] = "none"  # DeepSpeed's way to switch it off
+    path.write_text(json.dumps(ds))
+    assert resolve_ds_config(cfg, 1)["zero_optimization"]["stage"] == 0

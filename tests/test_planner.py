@@ -46,6 +46,16 @@ def test_zero3_shards_every_model_state():
         (2 * PARAMS / 16, 2 * PARAMS / 16, 12 * PARAMS / 16), rel=1e-12)
 
 
+def test_optimizer_offload_moves_the_optimizer_state_to_the_host():
+    (level,) = _plan(Layout(nodes=1, gpus_per_node=8, zero=3, offload=True)).levels
+    assert (level.params, level.grads, level.optimizer) == pytest.approx((2 * PARAMS / 8, 2 * PARAMS / 8, 0.0),
+                                                                          rel=1e-12)
+    assert level.host == pytest.approx(12 * PARAMS / 8, rel=1e-12)
+    assert level.total == pytest.approx(4 * PARAMS / 8 + L * ACT_LAYER, rel=1e-12)
+    with pytest.raises(ConfigError, match="--offload: .*use --zero 1, 2 or 3"):
+        _plan(Layout(nodes=1, gpus_per_node=8, zero=0, offload=True))
+
+
 def test_tensor_and_pipeline_parallel():
     """tp 2 x pp 2 x dp 2: stage 0 holds 16 half-width layers, half the embedding and 2 micro-batches in flight."""
     (level,) = _plan(Layout(nodes=1, gpus_per_node=8, tp=2, pp=2, zero=1)).levels
@@ -121,6 +131,19 @@ def test_table_lists_every_level(tmp_path, capsys):
     for row in ("level 1  4096/32/32/11008/32", "level 2  2048/16/16/5504/16", "level 3  1024/8/8/2752/8",
                 "level 1 -> 2:", "level 2 -> 3:", "SAT r=0.5", "ZeRO-0", "V-cycle compute", "SAT compute"):
         assert row in out
+
+
+def test_cli_reads_zero_and_offload_from_the_configs_deepspeed_json(tmp_path, capsys):
+    from conftest import REPO
+
+    run = tiny_overrides(tmp_path / "run", deepspeed={"config": str(REPO / "ds_configs" / "zero3_offload.json")})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    out = _cli(["--model", "llama2-7b", "--config", str(path)], capsys)
+    assert "ZeRO-3 + optimizer offload" in out
+    assert f"host memory per rank, ZeRO-Offload's optimizer state (GiB): level 1 {12 * PARAMS / 8 / 2**30:.2f}" in out
+    assert "optimizer offload" not in _cli(["--model", "llama2-7b", "--zero", "2"], capsys)
+    assert "ZeRO-2 + optimizer offload" in _cli(["--model", "llama2-7b", "--zero", "2", "--offload"], capsys)
 
 
 def test_cli_without_config_is_dense(capsys):

@@ -23,7 +23,7 @@ from typing import Any
 import deepspeed
 import torch
 
-from ..config import ConfigError, OptimConfig, TrainConfig
+from ..config import ConfigError, OptimConfig, TrainConfig, offloads_optimizer, zero_stage
 from ..models import build_model, initial_value, resolve_dtype
 from .params import write_param
 
@@ -61,11 +61,11 @@ def resolve_ds_config(cfg: TrainConfig, dp_world: int) -> dict:
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.config: zero_optimization.stage must be 0-3, got {stage}")
+    if offloads_optimizer(ds) and stage == 0:
+        raise ConfigError("deepspeed.config: zero_optimization.offload_optimizer needs ZeRO stage 1-3 (DeepSpeed "
+                          "offloads the partitioned optimizer state); set zero_optimization.stage, or use "
+                          "ds_configs/zero2_offload.json or zero3_offload.json")
     return ds
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def new_model(conf, ds: dict, seed: int | None, pretrained: str | None = None) -> torch.nn.Module:
@@ -121,12 +121,6 @@ def adamw(model: torch.nn.Module, o: OptimConfig, offload: bool = False) -> torc
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True)
-
-
-def offloads_optimizer(ds: dict) -> bool:
-    """The DeepSpeed config puts the optimizer in host memory or on NVMe (ZeRO-Offload)."""
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return offload.get("device", "none") in ("cpu", "nvme")
 
 
 @contextmanager

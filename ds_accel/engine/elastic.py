@@ -51,9 +51,9 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .. import checkpoint, runtime
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, zero_stage
 from ..models import resolve_dtype
-from .build import param_groups, zero_stage
+from .build import param_groups
 from .transitions import MOMENTS, LevelParams, adam_step, init_adam_state
 
 STATES = ("fp32",) + MOMENTS  # per parameter: the master weight and Adam's two moments
