@@ -387,8 +387,6 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from .config import load
 
