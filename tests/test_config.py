@@ -103,3 +103,11 @@ def test_optimizer_offload_without_zero_is_named(tmp_path):
     ds["zero_optimization"]["offload_optimizer"]["device"] = "none"  # DeepSpeed's way to switch it off
     path.write_text(json.dumps(ds))
     assert resolve_ds_config(cfg, 1)["zero_optimization"]["stage"] == 0
+    ds["zero_optimization"] = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    ds["zero_force_ds_cpu_optimizer"] = True
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=r"^deepspeed.config: zero_force_ds_cpu_optimizer is true .* so remove "):
+        resolve_ds_config(cfg, 1)
+    del ds["zero_force_ds_cpu_optimizer"]
+    path.write_text(json.dumps(ds))
+    assert resolve_ds_config(cfg, 1)["zero_force_ds_cpu_optimizer"] is False

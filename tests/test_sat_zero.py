@@ -65,7 +65,7 @@ def _sat_steps(stage: int, policy: str, offload: bool = False):
     from ds_accel import runtime
     from ds_accel.config import from_dict
     from ds_accel.engine.build import make_engine, new_model, resolve_ds_config
-    from ds_accel.engine.sat import SATController, inner_optimizer
+    from ds_accel.engine.sat import SATController
     from ds_accel.models import llama_config
 
     world, rank = runtime.world_size(), runtime.rank()
@@ -77,8 +77,8 @@ def _sat_steps(stage: int, policy: str, offload: bool = False):
                                    deepspeed={"config": str(ds_json)}))
     ds = resolve_ds_config(cfg, world)
     engine = make_engine(new_model(llama_config("tiny", VOCAB), ds, seed=2), cfg, ds)
-    offloaded = type(inner_optimizer(engine.optimizer)).__name__ == "DeepSpeedCPUAdam"
-    assert offloaded == offload and engine.zero_cpu_offload() == offload
+    # ZeRO-1/2's and ZeRO-3's optimizers each took their offload path (or not)
+    assert getattr(engine.optimizer, "cpu_offload", getattr(engine.optimizer, "offload_optimizer", False)) == offload
     sat = SATController(cfg.sat, engine.module, cfg.run.total_steps, seed=0, micro_batches=ACCUM)
     sat.attach(engine.optimizer)
     data = _data(world)
@@ -211,8 +211,8 @@ def one_process():
 @pytest.mark.parametrize("stage,offload", [(0, False), (1, False), (2, False), (3, False), (2, True), (3, True)],
                          ids=["zero0", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"])
 def test_freeze_policy_under_zero_matches_the_reference(one_process, stage, offload):
-    """``offload``: ZeRO-Offload (ds_configs/zero{2,3}_offload.json): DeepSpeedCPUAdam steps the master
-    weights and moments in host memory, and the guard saves and restores their omitted part there."""
+    """``offload``: ZeRO-Offload (ds_configs/zero{2,3}_offload.json): the master weights and moments are
+    stepped in host memory, and the guard saves and restores their omitted part there."""
     ranks = run_ranks(_sat_steps, 2, stage, "freeze", offload)
     for r in ranks:
         assert r["keeps"] == one_process["keeps"], "selection differs from one process / between ranks"

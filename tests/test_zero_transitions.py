@@ -215,8 +215,8 @@ def test_moment_transfer_equals_operators_under_every_zero_stage_and_one_process
 @pytest.mark.distributed
 def test_vcycle_with_moment_transfer_zero3_offload_two_ranks_resumed_equals_one_process(tmp_path):
     """The trainer with optimizer_policy transfer (authors' schedule, 2 warm-up steps after each transition):
-    ZeRO-3 with the optimizer offloaded to the host (ds_configs/zero3_offload.json: DeepSpeedCPUAdam, moments
-    read and written in host memory) on 2 ranks, stopped inside level 2 (after the moments moved) and
+    ZeRO-3 with the optimizer offloaded to the host (ds_configs/zero3_offload.json: moments read and written
+    in host memory) on 2 ranks, stopped inside level 2 (after the moments moved) and
     resumed, reproduces the single process's losses; fresh moments give the same loss on the first step
     after coalescing (same weights) and different losses from the first update on. (Plain ZeRO-3: the
     transfer in the test above, stop and resume in test_vcycle_zero3_two_ranks_equals_one_process_...)"""

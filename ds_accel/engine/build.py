@@ -6,8 +6,10 @@ are set in one place. A concrete value that disagrees with the run config is an 
 a silent winner. The optimizer is torch's fused AdamW passed to ``deepspeed.initialize``: one ATen
 kernel on CPU and CUDA alike (no JIT-built DeepSpeed op), about nine times faster on a 2-core CPU than
 torch's per-tensor loop there (docs/benchmark/step/adamw_probe/). Under ZeRO-Offload
-(``zero_optimization.offload_optimizer``) the master weights and moments live in host memory and the
-optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` (AdamW mode), the one DeepSpeed accepts there.
+(``zero_optimization.offload_optimizer``) the same fused AdamW steps the master weights and moments in
+host memory (``zero_force_ds_cpu_optimizer`` off: DeepSpeed otherwise insists on its ``DeepSpeedCPUAdam``,
+a C++ op JIT-built at the first use, 80 s on 2 cores and a compiler on every node; torch's kernel was
+as fast on this CPU, docs/benchmark/step/adamw_probe/offload_probe.txt).
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def resolve_ds_config(cfg: TrainConfig, dp_world: int) -> dict:
         raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config} has an \"optimizer\" section; remove it, "
                           "ds_accel builds AdamW from the optim section (it is rebuilt at every level)")
     ds["zero_allow_untested_optimizer"] = True
+    if offloads_optimizer(ds):  # torch's fused AdamW on the host partitions (module docstring)
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            raise ConfigError(f"deepspeed.config: zero_force_ds_cpu_optimizer is true in {cfg.deepspeed.config}, "
+                              "which asks for DeepSpeedCPUAdam; ds_accel steps torch's fused AdamW on the offloaded "
+                              "state, so remove zero_force_ds_cpu_optimizer")
+        ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)
     out = Path(cfg.run.output_dir)
     for monitor in ("tensorboard", "csv_monitor"):
@@ -112,15 +120,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(model: torch.nn.Module, o: OptimConfig, offload: bool = False) -> torch.optim.Optimizer:
-    """The run's optimizer (see the module docstring); the step benchmark times the same one.
-    ``offload``: ZeRO-Offload's host-side AdamW (DeepSpeed JIT-builds its op at the first use, once)."""
-    groups, betas = param_groups(model, o.weight_decay), (o.beta1, o.beta2)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True)
+def adamw(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    """The run's optimizer (see the module docstring); the step benchmark times the same one."""
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=True)
 
 
 @contextmanager
@@ -153,7 +156,7 @@ def _inert_construction_step(optimizer: torch.optim.Optimizer) -> Iterator[None]
 
 def make_engine(model: torch.nn.Module, cfg: TrainConfig, ds: dict):
     """``deepspeed.initialize`` with a fresh AdamW (the V-cycle's optimizer policy is `fresh`)."""
-    optimizer = adamw(model, cfg.optim, offload=offloads_optimizer(ds))
+    optimizer = adamw(model, cfg.optim)
     mpu = None
     if cfg.model.backend == "megatron":  # Megatron's parallel state: DeepSpeed's data-parallel and TP groups
         from ..megatron import mpu
