@@ -88,7 +88,9 @@ def test_ds_config_conflict_is_named(tmp_path):
         resolve_ds_config(cfg, 1)
 
 
-def test_optimizer_offload_without_zero_is_named(tmp_path):
+def test_optimizer_offload_errors_are_named(tmp_path):
+    """ZeRO-0 with offload_optimizer, and an explicit zero_force_ds_cpu_optimizer: true (DeepSpeedCPUAdam), are
+    refused before any work; without the flag, offload runs torch's AdamW with the flag set to false."""
     import json
 
     from ds_accel.engine.build import resolve_ds_config
