@@ -207,7 +207,7 @@ def table(result: dict) -> str:
              "| range over rounds | FLOPs-limit speedup | share of limit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in result["shapes"].items():
         for r, v in entry["rates"].items():
-            low, high = v.get("speedup_range", [float("nan")] * 2)
+            low, high = v["speedup_range"]
             lines.append(f"| {name.rsplit(' ', 1)[0]} | {entry.get('tokens', '')} | {entry['policy']} | {r} "
                          f"| {v['dense_ms']:.1f} | {v['sat_ms']:.1f} | {v['measured_speedup']:.2f}x "
                          f"| {low:.2f}-{high:.2f}x "

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import REPO, tiny_overrides
 from ds_accel.config import ConfigError, MultiLevelConfig, SATConfig, TrainConfig
 from ds_accel.models import llama_config
 from ds_accel.planner import Layout, Workload, add_parser, make_plan
@@ -134,8 +134,6 @@ def test_table_lists_every_level(tmp_path, capsys):
 
 
 def test_cli_reads_zero_and_offload_from_the_configs_deepspeed_json(tmp_path, capsys):
-    from conftest import REPO
-
     run = tiny_overrides(tmp_path / "run", deepspeed={"config": str(REPO / "ds_configs" / "zero3_offload.json")})
     path = tmp_path / "run.json"
     path.write_text(json.dumps(run))
