@@ -18,6 +18,7 @@ validation loss did not fall below its first logged loss.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -36,8 +37,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "vcycle": {"multilevel": {"enabled": True}},
     "sat": {"sat": {"enabled": True}},
     "vcycle+sat": {"multilevel": {"enabled": True}, "sat": {"enabled": True}},
+    # the path that touches the optimizer state most (level transitions map the Adam moments, SAT's guard
+    # keeps the omitted state): under ZeRO-Offload that state lives in host memory, the gradients on the GPU
+    "vcycle+sat-freeze-transfer": {"multilevel": {"enabled": True, "optimizer_policy": "transfer"},
+                                   "sat": {"enabled": True, "optimizer_policy": "freeze"}},
 }
-STAGES = (1, 3)
+STAGES = ("1", "3")  # ZeRO stages, named as in ds_configs/zero<stage>.json ("2_offload" too)
 SEVEN_B = "llama2-7b-layer-4096"  # the step benchmark's Llama-2-7B layer at 4,096 tokens
 RUN_TIMEOUT_S = int(os.environ.get("DS_ACCEL_GPU_CHECK_TIMEOUT", 300))  # one launch: a hung collective must not eat the GPU time
 
@@ -75,8 +80,8 @@ def environment() -> dict[str, Any]:
             "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def run_config(method: str, stage: int, steps: int, out: Path) -> dict[str, Any]:
-    """The bench config (small preset, seq 128, micro-batch 8) in bf16 under ZeRO-``stage``, ``steps`` long."""
+def run_config(method: str, stage: str, steps: int, out: Path) -> dict[str, Any]:
+    """The bench config (small preset, seq 128, micro-batch 8) in bf16 under ``ds_configs/zero<stage>.json``."""
     cfg = yaml.safe_load((REPO_ROOT / "ds_accel" / "configs" / "bench.yaml").read_text())
     overrides = {"run": {"output_dir": str(out), "total_steps": steps, "eval_every": max(1, steps // 3),
                          "log_every": max(1, steps // 12), "export": False, "progress": False},
@@ -135,11 +140,16 @@ def add_ratios(training: dict[str, dict[str, dict]]) -> None:
 
 
 def failures(report: dict[str, Any]) -> list[str]:
-    bad = [f"ZeRO-{stage[-1]} {method}: {run['status']}" for stage, runs in report["training"].items()
+    bad = [f"{_title(stage)} {method}: {run['status']}" for stage, runs in report["training"].items()
            for method, run in runs.items() if run["status"] != "ok"]
-    if "error" in report["step_bench"]:
+    if report["step_bench"] and "error" in report["step_bench"]:
         bad.append(f"step benchmark: {report['step_bench']['error']}")
     return bad
+
+
+def _title(key: str) -> str:
+    """"zero2_offload" -> "ZeRO-2 offload": a report heading for a training-table key."""
+    return "ZeRO-" + key.removeprefix("zero").replace("_", " ")
 
 
 def _ratio(run: dict, key: str, fmt: str) -> str:
@@ -148,8 +158,6 @@ def _ratio(run: dict, key: str, fmt: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """gpu_check.md: environment, one training table per ZeRO stage, the step benchmark."""
-    from . import step_bench
-
     env, s = report["environment"], report["settings"]
     lines = ["# ds-accel gpu-check", "",
              f"{env['gpus']} x {env['device']} ({env['memory_gib']} GiB), torch {env['torch']}, CUDA {env['cuda']}, "
@@ -158,7 +166,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Training: preset {s['preset']}, {s['steps']} steps of {s['tokens_per_step']:,} tokens, bf16, "
              "one `deepspeed` launch of launch/train.py per run; ratios are to dense under the same ZeRO stage.", ""]
     for stage, runs in report["training"].items():
-        lines += [f"## ZeRO-{stage[-1]}", "",
+        lines += [f"## {_title(stage)}", "",
                   "| method | status | first loss | final val loss (vs dense) | FLOPs (vs dense) "
                   "| training s (vs dense) | tokens/s | peak memory MB | launch s |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -172,21 +180,29 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {run['wall_s']:.1f}{_ratio(run, 'wall_vs_dense', '.2f')} | {run['tokens_per_s']:,.0f} "
                          f"| {run['peak_mem_mb']:.0f} | {run['launch_s']:.0f} |")
         lines.append("")
-    lines += ["## SAT training step (forward + backward + AdamW, bf16) against dense", ""]
-    bench = report["step_bench"]
-    if "error" in bench:
-        lines.append(f"failed: {bench['error']}")
-    else:
-        lines.append(step_bench.table(bench))
-        for name, entry in bench["shapes"].items():  # keyed "<shape> <policy>"
-            if name.split(" ")[0] == SEVEN_B and "0.5" in entry["rates"]:
-                r = entry["rates"]["0.5"]
-                lines += ["", f"Llama-2-7B layer at {entry['seq_len']:,} tokens, omission rate 0.5, "
-                          f"{entry['policy']} policy: SAT step {r['measured_speedup']:.2f}x dense "
-                          f"({r['flops_limit_speedup']:.2f}x is the FLOPs limit)."]
+    lines += _step_bench_lines(report["step_bench"])
     bad = failures(report)
     lines += ["", "Problems: " + "; ".join(bad) if bad else "All runs trained (validation loss below the first loss)."]
     return "\n".join(lines) + "\n"
+
+
+def _step_bench_lines(bench: dict[str, Any] | None) -> list[str]:
+    """The step benchmark's section of gpu_check.md (none when it was not run: ``--no-step-bench``)."""
+    from . import step_bench
+
+    if not bench:
+        return []
+    lines = ["## SAT training step (forward + backward + AdamW, bf16) against dense", ""]
+    if "error" in bench:
+        return lines + [f"failed: {bench['error']}"]
+    lines.append(step_bench.table(bench))
+    for name, entry in bench["shapes"].items():  # keyed "<shape> <policy>"
+        if name.split(" ")[0] == SEVEN_B and "0.5" in entry["rates"]:
+            r = entry["rates"]["0.5"]
+            lines += ["", f"Llama-2-7B layer at {entry['seq_len']:,} tokens, omission rate 0.5, "
+                      f"{entry['policy']} policy: SAT step {r['measured_speedup']:.2f}x dense "
+                      f"({r['flops_limit_speedup']:.2f}x is the FLOPs limit)."]
+    return lines
 
 
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
@@ -217,15 +233,17 @@ def cmd_gpu_check(args) -> int:
     except NeedsCuda as err:
         print(f"ds-accel: error: {err}", file=sys.stderr)
         return 1
-    print("== SAT step benchmark (bf16)", flush=True)  # first: it needs no launcher, and is the headline figure
-    step = _step_bench(args.quick)
+    step = None
+    if args.step_bench:
+        print("== SAT step benchmark (bf16)", flush=True)  # first: it needs no launcher, and is the headline figure
+        step = _step_bench(args.quick)
     runs_dir = Path(args.runs)
     first = run_config("dense", STAGES[0], args.steps, runs_dir / "prepare")
     prepare(from_dict(first).data)  # tokenizer and packed blocks once, outside every run's timing
     training: dict[str, dict[str, dict]] = {}
     for stage in args.stages:
         for method in args.methods:
-            print(f"== ZeRO-{stage} {method}: {args.steps} steps on {gpus} GPU(s)", flush=True)
+            print(f"== {_title('zero' + stage)} {method}: {args.steps} steps on {gpus} GPU(s)", flush=True)
             cfg = run_config(method, stage, args.steps, runs_dir / f"zero{stage}" / method.replace("+", "_"))
             training.setdefault(f"zero{stage}", {})[method] = run = train_run(cfg, gpus)
             print(f"   {run['status']}, launch {run['launch_s']:.0f} s", flush=True)
@@ -247,9 +265,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="docs/benchmark/gpu", help="report directory (default docs/benchmark/gpu)")
     p.add_argument("--runs", default="runs/gpu-check", help="the training runs' output directories")
     p.add_argument("--steps", type=int, default=200, help="steps per training run (default 200)")
+    p.add_argument("--step-bench", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the SAT step benchmark (default yes; --no-step-bench for training runs only)")
     p.add_argument("--quick", action="store_true", help="the step benchmark's quick mode (fewer repetitions)")
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
                    help="comma list among " + ", ".join(METHODS) + " (default all)")
-    p.add_argument("--stages", type=lambda s: [int(x) for x in s.split(",")], default=list(STAGES),
-                   help="ZeRO stages, comma list (default 1,3)")
+    p.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES),
+                   help="ZeRO stages, comma list of ds_configs/zero<stage>.json names (default 1,3; "
+                        "2_offload and 3_offload offload the optimizer to host memory)")
     p.set_defaults(func=cmd_gpu_check)

@@ -40,7 +40,8 @@ def _report() -> dict:
                           "sat": _run(3.8, 7.5, 6e12), "vcycle+sat": _run(3.9, 6.0, 5e12)},
                 "zero3": {"dense": _run(4.0, 20.0, 1e13), "vcycle": _run(4.1, 15.0, 8e12),
                           "sat": {"status": "failed", "return_code": 1, "launch_s": 12.0, "log_tail": "NCCL error"},
-                          "vcycle+sat": _run(7.7, 12.0, 5e12)}}
+                          "vcycle+sat": _run(7.7, 12.0, 5e12)},
+                "zero2_offload": {"dense": _run(4.0, 30.0, 1e13), "sat": _run(3.9, 24.0, 6e12)}}
     gpu_check.add_ratios(training)
     return {"environment": ENV, "settings": {"preset": "small", "steps": 300, "gpus": 1, "tokens_per_step": 1024},
             "training": training, "step_bench": _step_bench()}
@@ -68,14 +69,29 @@ def test_report_writer_ratios_failures_and_step_bench(tmp_path):
     assert "4,096 tokens, omission rate 0.5, freeze policy: SAT step 1.60x dense (2.00x is the FLOPs limit)" in md
     assert "| llama2-7b-layer-4096 | 4096 | adam | 0.5 | 64.0 | 40.0 | 1.60x | 1.50-1.70x | 2.00x | 80% |" in md
     assert gpu_check.failures(report) == ["ZeRO-3 sat: failed", "ZeRO-3 vcycle+sat: loss did not fall"]
+    assert "## ZeRO-2 offload" in md and "| sat | ok | 7.600 | 3.9000 (-2.50%) | 6.000e+12 (0.60) | 24.0 (0.80) |" in md
     assert "Problems: ZeRO-3 sat: failed; ZeRO-3 vcycle+sat: loss did not fall" in md
 
 
-def test_run_configs_are_bf16_on_the_zero_stage():
-    cfg = gpu_check.run_config("vcycle+sat", 3, 300, tmp := gpu_check.REPO_ROOT / "runs" / "x")
+@pytest.mark.parametrize("stage,offload", [("3", False), ("2_offload", True)])
+def test_run_configs_are_bf16_on_the_zero_stage(stage, offload):
+    cfg = gpu_check.run_config("vcycle+sat", stage, 300, tmp := gpu_check.REPO_ROOT / "runs" / "x")
     assert cfg["model"] == {"preset": "small", "dtype": "bf16"} and cfg["run"]["total_steps"] == 300
-    assert cfg["deepspeed"]["config"].endswith("ds_configs/zero3.json") and cfg["run"]["output_dir"] == str(tmp)
+    assert cfg["deepspeed"]["config"].endswith(f"ds_configs/zero{stage}.json") and cfg["run"]["output_dir"] == str(tmp)
     assert cfg["multilevel"]["enabled"] and cfg["sat"]["enabled"]
     from ds_accel.config import from_dict
 
+    from ds_accel.config import offloads_optimizer, zero_stage
+
     from_dict(cfg)  # a valid run config
+    ds = json.loads(open(cfg["deepspeed"]["config"]).read())
+    assert zero_stage(ds) == int(stage[0]) and offloads_optimizer(ds) == offload
+
+
+def test_report_without_the_step_bench(tmp_path):
+    """``--no-step-bench`` (training runs only, e.g. the ZeRO-Offload configs): no bench section, no failure."""
+    report = {**_report(), "step_bench": None}
+    _, md_path = gpu_check.write_report(report, tmp_path)
+    md = md_path.read_text()
+    assert "SAT training step" not in md and "## ZeRO-2 offload" in md
+    assert gpu_check.failures(report) == ["ZeRO-3 sat: failed", "ZeRO-3 vcycle+sat: loss did not fall"]
