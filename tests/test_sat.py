@@ -465,6 +465,18 @@ def test_an_unfinished_accumulated_step_is_an_error():
                 model(**batch(seed=seed)).loss.backward()
 
 
+def test_direct_slices_only_on_the_cpu_for_one_forward():
+    """index_select's own backward (index_add_) only where it is the cheaper scatter: on the CPU, one forward per
+    weight; on a GPU the gather-once function's index_copy_ (docs/benchmark/gpu/probe/)."""
+    from ds_accel.sat.omit import slice_directly
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert slice_directly(cpu, 1, 1, recomputed=False)
+    assert not slice_directly(cuda, 1, 1, recomputed=False)
+    assert not slice_directly(cpu, 2, 2, recomputed=False) and not slice_directly(cpu, 1, 2, recomputed=False)
+    assert not slice_directly(cpu, 1, 1, recomputed=True)
+
+
 def test_direct_slices_stay_correct_when_a_weight_is_used_twice():
     """Plain index_select slices (one micro-batch, no recomputation) are chosen by omit(); if a weight is used
     twice after all, each use gathers again and the gradients add: two micro-batches in one such context

@@ -387,6 +387,16 @@ def _no_kv_cache(layers: dict[int, nn.Module]) -> Iterator[None]:
             config.use_cache = previous[key]
 
 
+def slice_directly(device: torch.device, micro_batches: int, forwards: int, recomputed: bool) -> bool:
+    """Plain ``index_select`` slices (``StepSlices.direct``): one forward per weight, and on the CPU only.
+
+    Its backward scatters with ``index_add_``; on a GPU that kernel took 120 us per Llama-2-7B weight in bf16,
+    0.84 ms of a 9 ms step (docs/benchmark/gpu/probe/), where the gather-once function writes with
+    ``index_copy_`` (the kept indices are unique, so the two agree).
+    """
+    return device.type == "cpu" and micro_batches == forwards == 1 and not recomputed
+
+
 @contextmanager
 def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
          tracker: ImportanceTracker | None = None, shard: TensorShard | None = None,
@@ -426,9 +436,9 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
     selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
     recomputed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers.values())
     forwards = micro_batches if forwards is None else forwards
-    slices = StepSlices(micro_batches, keep_slices, direct=micro_batches == forwards == 1 and not recomputed)
-    host = {index: _host_indices(selection[index], shard) for index in layers}
     device = layers[next(iter(layers))].mlp.down_proj.weight.device
+    slices = StepSlices(micro_batches, keep_slices, direct=slice_directly(device, micro_batches, forwards, recomputed))
+    host = {index: _host_indices(selection[index], shard) for index in layers}
     dev = iter(to_device([t for index in layers for t in host[index]], device))
     with ExitStack() as undo:
         undo.enter_context(_no_kv_cache(layers))
