@@ -465,16 +465,17 @@ def test_an_unfinished_accumulated_step_is_an_error():
                 model(**batch(seed=seed)).loss.backward()
 
 
-def test_direct_slices_only_on_the_cpu_for_one_forward():
-    """index_select's own backward (index_add_) only where it is the cheaper scatter: on the CPU, one forward per
-    weight; on a GPU the gather-once function's index_copy_ (docs/benchmark/gpu/probe/)."""
+def test_direct_slices_for_one_forward_except_large_weights_on_a_gpu():
+    """index_select's own backward (index_add_) only where it is the cheaper scatter: one forward per weight,
+    on the CPU or with small weights; on a GPU with Llama-2-7B-sized weights the gather-once function's
+    index_copy_ (docs/benchmark/gpu/probe/)."""
     from ds_accel.sat.omit import slice_directly
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert slice_directly(cpu, 1, 1, recomputed=False)
-    assert not slice_directly(cuda, 1, 1, recomputed=False)
-    assert not slice_directly(cpu, 2, 2, recomputed=False) and not slice_directly(cpu, 1, 2, recomputed=False)
-    assert not slice_directly(cpu, 1, 1, recomputed=True)
+    cpu, cuda, seven_b_down = torch.device("cpu"), torch.device("cuda", 0), 4096 * 11008
+    assert slice_directly(cpu, 1, 1, False, seven_b_down) and slice_directly(cuda, 1, 1, False, 256 * 688)
+    assert not slice_directly(cuda, 1, 1, False, seven_b_down)
+    assert not slice_directly(cpu, 2, 2, False, 256) and not slice_directly(cpu, 1, 2, False, 256)
+    assert not slice_directly(cpu, 1, 1, True, 256)
 
 
 def test_direct_slices_stay_correct_when_a_weight_is_used_twice():

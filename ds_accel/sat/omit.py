@@ -387,14 +387,22 @@ def _no_kv_cache(layers: dict[int, nn.Module]) -> Iterator[None]:
             config.use_cache = previous[key]
 
 
-def slice_directly(device: torch.device, micro_batches: int, forwards: int, recomputed: bool) -> bool:
-    """Plain ``index_select`` slices (``StepSlices.direct``): one forward per weight, and on the CPU only.
+GATHER_ONCE_ON_GPU_NUMEL = 1 << 22  # weights from 4M elements up: the scatter outweighs the host's Python
 
-    Its backward scatters with ``index_add_``; on a GPU that kernel took 120 us per Llama-2-7B weight in bf16,
-    0.84 ms of a 9 ms step (docs/benchmark/gpu/probe/), where the gather-once function writes with
-    ``index_copy_`` (the kept indices are unique, so the two agree).
+
+def slice_directly(device: torch.device, micro_batches: int, forwards: int, recomputed: bool,
+                   weight_numel: int) -> bool:
+    """Plain ``index_select`` slices (``StepSlices.direct``) for one forward per weight, unless on a GPU with
+    large weights (``weight_numel``: the MLP's down projection).
+
+    Its backward scatters with ``index_add_``. On an H200 in bf16 that took 1.10 ms over a Llama-2-7B layer's
+    weights against 0.57 ms for the gather-once function's ``index_copy_`` (the kept indices are unique, so
+    the two agree), and the whole step was 1.02-1.05x faster with the latter; on the launch-bound ``small``
+    preset (176K-element weights) the function's host time made the step 0.88x as fast
+    (docs/benchmark/gpu/probe/). The CPU has no atomics to avoid and pays the Python function everywhere.
     """
-    return device.type == "cpu" and micro_batches == forwards == 1 and not recomputed
+    large_on_gpu = device.type != "cpu" and weight_numel >= GATHER_ONCE_ON_GPU_NUMEL
+    return micro_batches == forwards == 1 and not recomputed and not large_on_gpu
 
 
 @contextmanager
@@ -436,8 +444,10 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
     selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
     recomputed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers.values())
     forwards = micro_batches if forwards is None else forwards
-    device = layers[next(iter(layers))].mlp.down_proj.weight.device
-    slices = StepSlices(micro_batches, keep_slices, direct=slice_directly(device, micro_batches, forwards, recomputed))
+    down = layers[next(iter(layers))].mlp.down_proj.weight
+    device = down.device
+    direct = slice_directly(device, micro_batches, forwards, recomputed, down.numel())
+    slices = StepSlices(micro_batches, keep_slices, direct=direct)
     host = {index: _host_indices(selection[index], shard) for index in layers}
     dev = iter(to_device([t for index in layers for t in host[index]], device))
     with ExitStack() as undo:

@@ -12,7 +12,7 @@ and ``DIR/probe.txt``:
 3. The two ways a sliced weight's gradient goes back to the full weight: ``index_select``'s own backward
    (``index_add_``) and the gather-once function's ``index_copy_`` (``omit.slice_directly``): each scatter
    alone on the 7B layer's weights, and the whole SAT step (``adam``, r = 0.5) with either, in
-   interleaved rounds, at 1 and 4 sequences.
+   interleaved rounds, at 1 and 4 sequences (``--small-ab``: on the ``small`` preset instead, 25 rounds).
 
 ``--device cpu --tiny`` runs the same code on a small layer (a check of the script, not a measurement).
 """
@@ -90,7 +90,8 @@ def profiled(device: torch.device, dtype: torch.dtype, tiny: bool) -> tuple[dict
             step_bench._synchronize(device)
             wall_s = time.perf_counter() - start
         events = prof.key_averages()
-        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        # the GPU-side events, less the optimizer's annotation ("Optimizer.step#AdamW.step" spans its kernels)
+        kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("Optimizer.step")]
         busy = sum(e.self_device_time_total for e in kernels) / 1e3
         optim = sum(e.self_device_time_total for e in kernels if "adam" in e.key.lower()) / 1e3
         by_ops = sum(e.self_device_time_total for e in events if e.device_type.name == "CPU") / 1e3
@@ -126,12 +127,16 @@ def scatters(device: torch.device, dtype: torch.dtype, tiny: bool) -> dict:
     return out
 
 
-def direct_ab(device: torch.device, dtype: torch.dtype, tiny: bool, rounds: int = 9) -> dict:
-    """SAT step (``adam``, r = 0.5) with ``index_select`` slices against the gather-once function."""
+def direct_ab(device: torch.device, dtype: torch.dtype, tiny: bool, rounds: int = 9,
+              batches: tuple = (1, 4)) -> dict:
+    """SAT step (``adam``, r = 0.5) with ``index_select`` slices against the gather-once function; a batch
+    "small" is the step benchmark's ``small`` preset (a whole 6M-parameter model, launch-bound on a GPU)."""
     original = omit_module.slice_directly
     out = {}
-    for batch in (1, 4):
-        model, data = step_bench._build(layer_shape(batch, tiny), device, dtype)
+    for batch in batches:
+        shape = step_bench.catalogue()["small"] if batch == "small" else layer_shape(batch, tiny)
+        model, data = step_bench._build(shape, device, dtype)
+        run = (lambda: model(input_ids=data, labels=data, use_cache=False).loss) if batch == "small" else (lambda: model(data))
         optimizer = adamw(model, OptimConfig(lr=1e-4))
         keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
         times: dict[str, list[float]] = {"index_select (index_add_)": [], "gather-once (index_copy_)": []}
@@ -141,7 +146,7 @@ def direct_ab(device: torch.device, dtype: torch.dtype, tiny: bool, rounds: int 
             step_bench._synchronize(device)
             start = time.perf_counter()
             with omit(model, keep_heads, keep_channels, selection=resolve(model, keep_heads, keep_channels)) as sl:
-                model(data).backward()
+                run().backward()
             assert sl.direct == direct
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -169,10 +174,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--small-ab", action="store_true", help="only the direct / gather-once A/B on the small preset")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.small_ab:
+        result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                  "direct_ab": direct_ab(device, dtype, args.tiny, rounds=25, batches=("small",))}
+        (args.out / "small_ab.json").write_text(json.dumps(result, indent=1))
+        return
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype), "scaling": scaling(device, dtype, args.tiny)}
     result["scatters_ms"] = scatters(device, dtype, args.tiny)
