@@ -42,6 +42,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "vcycle+sat-freeze-transfer": {"multilevel": {"enabled": True, "optimizer_policy": "transfer"},
                                    "sat": {"enabled": True, "optimizer_policy": "freeze"}},
 }
+DEFAULT_METHODS = ("dense", "vcycle", "sat", "vcycle+sat")
 STAGES = ("1", "3")  # ZeRO stages, named as in ds_configs/zero<stage>.json ("2_offload" too)
 SEVEN_B = "llama2-7b-layer-4096"  # the step benchmark's Llama-2-7B layer at 4,096 tokens
 RUN_TIMEOUT_S = int(os.environ.get("DS_ACCEL_GPU_CHECK_TIMEOUT", 300))  # one launch: a hung collective must not eat the GPU time
@@ -259,6 +260,21 @@ def cmd_gpu_check(args) -> int:
     return 1 if failures(report) else 0
 
 
+def _methods(text: str) -> list[str]:
+    unknown = [m for m in text.split(",") if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}; choose among {', '.join(METHODS)}")
+    return text.split(",")
+
+
+def _stages(text: str) -> list[str]:
+    known = sorted(p.stem.removeprefix("zero") for p in (REPO_ROOT / "ds_configs").glob("zero*.json"))
+    unknown = [s for s in text.split(",") if s not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no ds_configs/zero{unknown[0]}.json; choose among {', '.join(known)}")
+    return text.split(",")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("gpu-check", help="on a CUDA machine: bf16 ZeRO-1/3 training runs of every method and the "
                                          "SAT step benchmark, written to docs/benchmark/gpu/")
@@ -268,9 +284,9 @@ def add_parser(sub) -> None:
     p.add_argument("--step-bench", action=argparse.BooleanOptionalAction, default=True,
                    help="run the SAT step benchmark (default yes; --no-step-bench for training runs only)")
     p.add_argument("--quick", action="store_true", help="the step benchmark's quick mode (fewer repetitions)")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS),
-                   help="comma list among " + ", ".join(METHODS) + " (default all)")
-    p.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES),
+    p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
+                   help="comma list among " + ", ".join(METHODS) + " (default " + ",".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--stages", type=_stages, default=list(STAGES),
                    help="ZeRO stages, comma list of ds_configs/zero<stage>.json names (default 1,3; "
                         "2_offload and 3_offload offload the optimizer to host memory)")
     p.set_defaults(func=cmd_gpu_check)

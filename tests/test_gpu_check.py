@@ -95,3 +95,12 @@ def test_report_without_the_step_bench(tmp_path):
     md = md_path.read_text()
     assert "SAT training step" not in md and "## ZeRO-2 offload" in md
     assert gpu_check.failures(report) == ["ZeRO-3 sat: failed", "ZeRO-3 vcycle+sat: loss did not fall"]
+
+
+@pytest.mark.parametrize("argv,message", [(["--stages", "1,5"], "no ds_configs/zero5.json; choose among 0, 1, 2, 2_offload"),
+                                          (["--methods", "dense,sat-freeze"], "unknown method 'sat-freeze'")])
+def test_bad_stage_or_method_is_refused_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["gpu-check", "--out", str(tmp_path / "report"), "--runs", str(tmp_path / "runs"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "runs").exists()
