@@ -20,10 +20,14 @@ from ranks import run_ranks
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _zero(stage: int) -> dict:
+def _zero(stage: int, offload: bool = False) -> dict:
+    """``offload``: ZeRO-Offload with the Trainer's own torch AdamW on the host state; without
+    ``zero_force_ds_cpu_optimizer: false`` accelerate would swap in DeepSpeedCPUAdam, a C++ op built at its
+    first use (README, ZeRO-Offload)."""
+    zero = {"stage": stage, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
-            "zero_allow_untested_optimizer": True}
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True, **({"zero_force_ds_cpu_optimizer": False} if offload else {})}
 
 
 def _model() -> LlamaForCausalLM:
@@ -180,7 +184,7 @@ def test_close_after_a_failed_step_restores_the_dense_model(tmp_path):
     assert not _swapped(model) and model.config.use_cache
 
 
-def _deepspeed_run(steps: int, stage: int) -> dict:
+def _deepspeed_run(steps: int, stage: int, offload: bool) -> dict:
     import tempfile
 
     model = _model()
@@ -188,20 +192,25 @@ def _deepspeed_run(steps: int, stage: int) -> dict:
     probe = Probe(sat)
     with tempfile.TemporaryDirectory() as out:
         # use_cpu: without it accelerate finds no device backend and sizes the batch for 1 process
-        args = _args(out, steps, gradient_accumulation_steps=2, deepspeed=_zero(stage), use_cpu=True)
+        args = _args(out, steps, gradient_accumulation_steps=2, deepspeed=_zero(stage, offload), use_cpu=True)
         trainer = Trainer(model=model, args=args, train_dataset=_data(32, 1), callbacks=[sat, probe])
         trainer.train()
+    zero_optimizer = trainer.model_wrapped.optimizer
     return {"steps": probe.steps, "engine": type(trainer.model_wrapped).__name__,
+            "offloaded": getattr(zero_optimizer, "cpu_offload", getattr(zero_optimizer, "offload_optimizer", False)),
             "logs": [entry for entry in trainer.state.log_history if "loss" in entry]}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_sat_callback_under_deepspeed(stage):
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True)],
+                         ids=["zero1", "zero2", "zero3", "zero2-offload"])
+def test_sat_callback_under_deepspeed(stage, offload):
+    """Under ZeRO-Offload the Trainer's own torch AdamW steps the host-memory state, with the callback's
+    ``freeze`` guard on it (the engine's ZeRO optimizer asserted to offload)."""
     steps = 4
-    ranks = run_ranks(_deepspeed_run, 2, steps, stage)
+    ranks = run_ranks(_deepspeed_run, 2, steps, stage, offload)
     for r in ranks:
-        assert r["engine"] == "DeepSpeedEngine"
+        assert r["engine"] == "DeepSpeedEngine" and r["offloaded"] == offload
         _check_steps(r["steps"], steps)
         assert all(math.isfinite(entry["loss"]) for entry in r["logs"])
         assert [entry["sat_omission_rate"] for entry in r["logs"]] == [s["rate"] for s in r["steps"]]
