@@ -5,7 +5,8 @@ run has (CPU here, keeping freed memory as a training process does; CUDA with a 
 every clock read), in interleaved rounds: dense and every (policy, rate) take turns, and a speedup is
 the median over rounds of dense's time over SAT's in the same round, so drift in machine load hits
 both sides of each ratio alike. Each SAT step does what the trainer does per
-step: resolve the selection, one ``omit`` context (weight slices gathered once), the optimizer step with
+step: resolve the selection (``ResolveCache``: again only when it changed, and each (policy, rate) keeps
+its own, as its own run would), one ``omit`` context (weight slices gathered once), the optimizer step with
 the policy's guard (``freeze``) or none (``adam``). Beside each measured speedup stands the FLOPs limit
 of the very selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
 
@@ -34,7 +35,7 @@ from .engine.build import adamw
 from .flops import LayerWidth, train_flops
 from .models import llama_config
 from .sat import ImportanceTracker, omit, select
-from .sat.omit import resolve
+from .sat.omit import ResolveCache
 from .sat.optim_guard import OmittedStateGuard, omitted_slices, whole_parameter_fragments
 
 POLICIES = ("freeze", "adam")
@@ -131,12 +132,13 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
     optimizer = adamw(model, OptimConfig(lr=1e-4))  # the trainer's AdamW (fused), its groups and defaults
     guard = OmittedStateGuard(optimizer)
     selections = {r: _selection(model, r, granularity) for r in [0.0, *rates]}
+    resolved = {(r, p): ResolveCache() for r in [0.0, *rates] for p in ("dense", *policies)}  # one per "run"
 
     def step(rate: float, policy: str) -> float:
         _synchronize(device)
         start = time.perf_counter()
         keep_heads, keep_channels = selections[rate]
-        selection = resolve(model, keep_heads, keep_channels)
+        selection = resolved[rate, policy](model, keep_heads, keep_channels)
         with omit(model, keep_heads, keep_channels, selection=selection):
             loss = model(input_ids=data, labels=data, use_cache=False).loss if shape.whole_model else model(data)
             loss.backward()

@@ -540,3 +540,41 @@ def test_fragment_plan_reads_exactly_the_omitted_elements_of_any_flat_range(seed
     plan.restore(changed, saved)
     assert torch.equal(changed[in_fragment], fragment[in_fragment])
     assert torch.equal(changed[~in_fragment], fragment[~in_fragment] + 1)
+
+
+def test_resolve_cache_resolves_again_only_for_another_selection_or_model():
+    """The trainer re-selects every step and mostly gets the same kept units: those are resolved once. Equal
+    indices in new tensors reuse the resolution; one changed index, another model or another call's empty
+    selection resolve again, each result equal to resolve()'s own."""
+    from ds_accel.sat.omit import ResolveCache, resolve
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return resolve(*args)
+
+    model, other = tiny_model(), tiny_model()
+    cache = ResolveCache(counted)
+    first = cache(model, KEEP_HEADS, KEEP_CHANNELS)
+    again = cache(model, {k: v.clone() for k, v in KEEP_HEADS.items()}, {k: v.clone() for k, v in KEEP_CHANNELS.items()})
+    assert again is first and len(calls) == 1
+    changed_heads = {**KEEP_HEADS, 1: torch.tensor([0, 2])}
+    for heads, channels, target in ((changed_heads, KEEP_CHANNELS, model), (KEEP_HEADS, KEEP_CHANNELS, other),
+                                    ({}, {}, other), (KEEP_HEADS, {}, other)):
+        got = cache(target, heads, channels)
+        assert _same_selection(got, resolve(target, heads, channels))
+    assert len(calls) == 5
+
+
+def _same_selection(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+
+    def flat(sel):
+        out = []
+        for layer in sel.values():
+            heads = [] if layer.heads is None else [layer.heads.q_heads, layer.heads.kv_heads]
+            out += [*heads, layer.channels]
+        return out
+    return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(flat(a), flat(b)))

@@ -42,7 +42,7 @@ from ..flops import LayerWidth
 from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
 from ..sat.importance import CHANNELS, HEADS
-from ..sat.omit import resolve
+from ..sat.omit import ResolveCache, resolve
 from ..sat.optim_guard import FragmentPlan, FrozenFragment, OmittedSlice, OmittedStateGuard, plans_on_device
 from ..structure import UnitShape, decoder_layers
 from .params import is_zero3
@@ -195,7 +195,8 @@ class SATController:
                                          decay=self.cfg.ema_decay, metric=self.cfg.metric, seed=self.seed,
                                          device=family.device(first))
         self.keep_heads, self.keep_channels = {}, {}
-        self.selection = family.resolve(self.layers, {}, {}, self._shard)
+        self._resolve = ResolveCache(family.resolve)  # new layers: nothing resolved for them yet
+        self.selection = self._resolve(self.layers, {}, {}, self._shard)
         self.zero3 = any(is_zero3(p) for p in first.parameters())
         if self.zero3:
             from deepspeed import zero
@@ -236,7 +237,7 @@ class SATController:
                                      head_omission_rate=rate if self.cfg.heads else 0.0,
                                      selection=self.cfg.selection, seed=self.seed, step=step)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
-            self.selection = self.family.resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
+            self.selection = self._resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
         self.rate = rate
         if self.guard is not None and (self.keep_heads or self.keep_channels):
             slices = self.omitted()
@@ -300,7 +301,7 @@ class SATController:
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.rate, self.keep_heads, self.keep_channels = state["rate"], state["keep_heads"], state["keep_channels"]
-        self.selection = self.family.resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
+        self.selection = self._resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
 
 
 class NoSAT:
