@@ -144,8 +144,8 @@ class ResolveCache:
     """:func:`resolve` (or a model family's) once per selection.
 
     Re-selecting every step (``sat.reselect_every: 1``) mostly gives the kept units of the step before (the
-    top-k of slowly moving scores): comparing them took 0.04 ms against 2.3 ms to resolve the ``small``
-    preset's 8 layers on the 2-core CPU. Kept indices are compared by value, the layers and the TP shard by
+    top-k of slowly moving scores): a cache hit took 0.045 ms against 1.9 ms to resolve the ``small``
+    preset's 8 layers on the 2-core CPU (docs/benchmark/step/small_probe/resolve_probe.txt). Kept indices are compared by value, the layers and the TP shard by
     identity / equality, so a new model (a V-cycle level) or another shard resolves again.
     """
 
