@@ -97,7 +97,8 @@ def test_report_without_the_step_bench(tmp_path):
     assert gpu_check.failures(report) == ["ZeRO-3 sat: failed", "ZeRO-3 vcycle+sat: loss did not fall"]
 
 
-@pytest.mark.parametrize("argv,message", [(["--stages", "1,5"], "no ds_configs/zero5.json; choose among 0, 1, 2, 2_offload"),
+@pytest.mark.parametrize("argv,message", [(["--stages", "1,5"],
+                                           "no ds_configs/zero5.json; choose among 0, 1, 2, 2_offload"),
                                           (["--methods", "dense,sat-freeze"], "unknown method 'sat-freeze'")])
 def test_bad_stage_or_method_is_refused_before_any_work(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):

@@ -557,7 +557,8 @@ def test_resolve_cache_resolves_again_only_for_another_selection_or_model():
     model, other = tiny_model(), tiny_model()
     cache = ResolveCache(counted)
     first = cache(model, KEEP_HEADS, KEEP_CHANNELS)
-    again = cache(model, {k: v.clone() for k, v in KEEP_HEADS.items()}, {k: v.clone() for k, v in KEEP_CHANNELS.items()})
+    copies = ({k: v.clone() for k, v in keep.items()} for keep in (KEEP_HEADS, KEEP_CHANNELS))
+    again = cache(model, *copies)
     assert again is first and len(calls) == 1
     changed_heads = {**KEEP_HEADS, 1: torch.tensor([0, 2])}
     for heads, channels, target in ((changed_heads, KEEP_CHANNELS, model), (KEEP_HEADS, KEEP_CHANNELS, other),

@@ -145,8 +145,9 @@ class ResolveCache:
 
     Re-selecting every step (``sat.reselect_every: 1``) mostly gives the kept units of the step before (the
     top-k of slowly moving scores): a cache hit took 0.045 ms against 1.9 ms to resolve the ``small``
-    preset's 8 layers on the 2-core CPU (docs/benchmark/step/small_probe/resolve_probe.txt). Kept indices are compared by value, the layers and the TP shard by
-    identity / equality, so a new model (a V-cycle level) or another shard resolves again.
+    preset's 8 layers on the 2-core CPU (docs/benchmark/step/small_probe/resolve_probe.txt). Kept indices
+    are compared by value, the layers and the TP shard by identity / equality, so a new model (a V-cycle
+    level) or another shard resolves again.
     """
 
     def __init__(self, resolve_fn: Callable[..., Any] = resolve) -> None:

@@ -136,7 +136,10 @@ def direct_ab(device: torch.device, dtype: torch.dtype, tiny: bool, rounds: int 
     for batch in batches:
         shape = step_bench.catalogue()["small"] if batch == "small" else layer_shape(batch, tiny)
         model, data = step_bench._build(shape, device, dtype)
-        run = (lambda: model(input_ids=data, labels=data, use_cache=False).loss) if batch == "small" else (lambda: model(data))
+        if batch == "small":
+            run = lambda: model(input_ids=data, labels=data, use_cache=False).loss  # noqa: E731
+        else:
+            run = lambda: model(data)  # noqa: E731
         optimizer = adamw(model, OptimConfig(lr=1e-4))
         keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
         times: dict[str, list[float]] = {"index_select (index_add_)": [], "gather-once (index_copy_)": []}
