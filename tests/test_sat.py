@@ -1,6 +1,7 @@
 """SAT core: sliced == masked, exact restore, optimizer guard, importance EMA, selection, LORS."""
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -566,6 +567,41 @@ def test_resolve_cache_resolves_again_only_for_another_selection_or_model():
         got = cache(target, heads, channels)
         assert _same_selection(got, resolve(target, heads, channels))
     assert len(calls) == 5
+
+
+def test_resolved_selection_copies_its_indices_once_per_device_and_shard(monkeypatch):
+    """omit() with the same resolution (the trainer's steps between selection changes) builds and copies its
+    index tensors once; the sliced step is the same either way; another shard, or a plain dict, copies anew."""
+    from ds_accel.sat.omit import device_indices, resolve
+    from ds_accel.structure import TensorShard
+
+    omit_module = sys.modules["ds_accel.sat.omit"]
+    copies = []
+    real = omit_module.to_device
+    monkeypatch.setattr(omit_module, "to_device",
+                        lambda tensors, device: copies.append(len(tensors)) or real(tensors, device))
+    model = tiny_model()
+    data = torch.randint(0, model.config.vocab_size, (2, 8))
+    selection = resolve(model, KEEP_HEADS, KEEP_CHANNELS)
+    grads = []
+    for _ in range(2):
+        with omit(model, KEEP_HEADS, KEEP_CHANNELS, selection=selection):
+            model(input_ids=data, labels=data).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert len(copies) == 1 and copies[0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    layers = dict(enumerate(model.model.layers))
+    cpu = torch.device("cpu")
+    assert device_indices(selection, layers, None, cpu) is selection.on_device[1]
+    config = model.config
+    shard = TensorShard(range(config.num_attention_heads), range(config.intermediate_size), lambda x: x, lambda x: x)
+    device_indices(selection, layers, shard, cpu)
+    assert len(copies) == 2 and selection.on_device[0] == (cpu, shard)
+    plain = dict(selection)
+    device_indices(plain, layers, None, cpu)
+    device_indices(plain, layers, None, cpu)
+    assert len(copies) == 4
 
 
 def _same_selection(a: dict, b: dict) -> bool:

@@ -109,14 +109,22 @@ class LayerSelection:
     channel_offset: int = 0
 
 
+class Resolved(dict):
+    """:func:`resolve`'s {layer index: :class:`LayerSelection`}, which also keeps the device copies of its
+    index tensors (:func:`device_indices`): a resolution reused over steps (:class:`ResolveCache` hands back
+    the same object) builds and copies them once, not at every ``omit`` context."""
+
+    on_device: tuple[tuple[torch.device, TensorShard | None], list[Tensor]] | None = None
+
+
 def resolve(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
-            shard: TensorShard | None = None) -> dict[int, LayerSelection]:
+            shard: TensorShard | None = None) -> Resolved:
     """Every layer's selection on this rank, validated once (indices are read on the host)."""
     layers = decoder_layers(model_or_layers)
     unknown = (set(keep_heads) | set(keep_channels)) - set(layers)
     if unknown:
         raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
-    out = {}
+    out = Resolved()
     for index, layer in layers.items():
         attn = layer.self_attn
         config = attn.config
@@ -147,7 +155,8 @@ class ResolveCache:
     top-k of slowly moving scores): a cache hit took 0.045 ms against 1.9 ms to resolve the ``small``
     preset's 8 layers on the 2-core CPU (docs/benchmark/step/small_probe/resolve_probe.txt). Kept indices
     are compared by value, the layers and the TP shard by identity / equality, so a new model (a V-cycle
-    level) or another shard resolves again.
+    level) or another shard resolves again. A hit also reuses the resolution's device index copies
+    (:class:`Resolved`).
     """
 
     def __init__(self, resolve_fn: Callable[..., Any] = resolve) -> None:
@@ -386,6 +395,19 @@ def _host_indices(sel: LayerSelection, shard: TensorShard | None) -> list[Tensor
     return out
 
 
+def device_indices(selection: dict[int, LayerSelection], layers: dict[int, nn.Module], shard: TensorShard | None,
+                   device: torch.device) -> list[Tensor]:
+    """Every layer's :func:`_host_indices` on ``device``, in layer order: kept by a :class:`Resolved` selection
+    for its (device, shard), so a selection reused over steps is copied once; a plain dict is copied anew."""
+    key = (device, shard)
+    if isinstance(selection, Resolved) and selection.on_device is not None and selection.on_device[0] == key:
+        return selection.on_device[1]
+    out = to_device([t for index in layers for t in _host_indices(selection[index], shard)], device)
+    if isinstance(selection, Resolved):
+        selection.on_device = (key, out)
+    return out
+
+
 def _device_indices(sel: LayerSelection, shard: TensorShard | None, dev: Iterator[Tensor]
                     ) -> tuple[_AttentionIndex | None, _MLPIndex | None, Tensor | None, Tensor | None]:
     """One layer's index tensors, taken from the device copies of :func:`_host_indices`: the sliced
@@ -478,8 +500,7 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
     device = down.device
     direct = slice_directly(device, micro_batches, forwards, recomputed, down.numel())
     slices = StepSlices(micro_batches, keep_slices, direct=direct)
-    host = {index: _host_indices(selection[index], shard) for index in layers}
-    dev = iter(to_device([t for index in layers for t in host[index]], device))
+    dev = iter(device_indices(selection, layers, shard, device))
     with ExitStack() as undo:
         undo.enter_context(_no_kv_cache(layers))
         for index, layer in layers.items():
@@ -516,5 +537,5 @@ def kept_fraction(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Kee
     return {key: kept[key] / total[key] for key in kept}
 
 
-__all__ = ["HeadSelection", "LayerSelection", "ResolveCache", "StepSlices", "kept_fraction", "omit", "resolve",
-           "to_device"]
+__all__ = ["HeadSelection", "LayerSelection", "ResolveCache", "Resolved", "StepSlices", "device_indices",
+           "kept_fraction", "omit", "resolve", "to_device"]
