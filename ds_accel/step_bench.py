@@ -7,8 +7,9 @@ the median over rounds of dense's time over SAT's in the same round, so drift in
 both sides of each ratio alike. Each SAT step does what the trainer does per
 step: resolve the selection (``ResolveCache``: again only when it changed, and each (policy, rate) keeps
 its own, as its own run would), one ``omit`` context (weight slices gathered once), the optimizer step with
-the policy's guard (``freeze``) or none (``adam``). Beside each measured speedup stands the FLOPs limit
-of the very selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
+the policy's guard (``freeze``, its omitted slices and their plans kept with the resolution) or none
+(``adam``). Beside each measured speedup stands the FLOPs limit of the very selection used (dense FLOPs
+over the FLOPs the kept heads and channels compute).
 
 Shapes: the ``small`` preset as a whole model (its LM head dilutes the saving), and one Llama-2-7B
 decoder layer (the paper's setting without that dilution) at 1,024, 2,048 and (on a GPU) 4,096 tokens
@@ -133,6 +134,7 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
     guard = OmittedStateGuard(optimizer)
     selections = {r: _selection(model, r, granularity) for r in [0.0, *rates]}
     resolved = {(r, p): ResolveCache() for r in [0.0, *rates] for p in ("dense", *policies)}  # one per "run"
+    omitted: dict[float, tuple] = {}  # freeze: per rate, (resolution, its omitted slices, their fragment plans)
 
     def step(rate: float, policy: str) -> float:
         _synchronize(device)
@@ -143,8 +145,10 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
             loss = model(input_ids=data, labels=data, use_cache=False).loss if shape.whole_model else model(data)
             loss.backward()
         if policy == "freeze" and rate > 0:
-            slices = omitted_slices(model, keep_heads, keep_channels, selection=selection)
-            guard.arm(lambda: whole_parameter_fragments(optimizer, slices))
+            if omitted.get(rate, (None,))[0] is not selection:  # kept with the resolution, as the trainer does
+                omitted[rate] = (selection, omitted_slices(model, keep_heads, keep_channels, selection=selection), {})
+            _, slices, plans = omitted[rate]
+            guard.arm(lambda: whole_parameter_fragments(optimizer, slices, plans))
         optimizer.step()
         guard.disarm()
         optimizer.zero_grad(set_to_none=True)

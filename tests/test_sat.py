@@ -604,6 +604,45 @@ def test_resolved_selection_copies_its_indices_once_per_device_and_shard(monkeyp
     assert len(copies) == 4
 
 
+def test_freeze_plans_are_built_once_per_selection(monkeypatch):
+    """The controller keeps the ``freeze`` guard's omitted slices and fragment plans with the resolved
+    selection: a step that reuses the selection (reselect_every 2) builds no plan, a new selection builds
+    them again, and every step leaves the omitted rows and their AdamW moments bit-identical."""
+    from ds_accel.config import OptimConfig, SATConfig
+    from ds_accel.engine.build import adamw
+    from ds_accel.engine.sat import SATController
+    from ds_accel.sat.optim_guard import FragmentPlan
+
+    builds = []
+    real = FragmentPlan.build.__func__
+    monkeypatch.setattr(FragmentPlan, "build", classmethod(lambda cls, *a: builds.append(1) or real(cls, *a)))
+    model = tiny_model()
+    opt = adamw(model, OptimConfig(lr=1e-2, weight_decay=0.1))
+    cfg = SATConfig(enabled=True, omission_rate=0.5, stage1_fraction=1.0, optimizer_policy="freeze",
+                    metric="random", reselect_every=2)
+    sat = SATController(cfg, model, total_steps=4, seed=0)
+    sat.attach(opt)
+    per_step, keeps = [], []
+    for step in range(4):
+        sat.begin_step(step)
+        keeps.append({k: v.tolist() for k, v in sat.keep_channels.items()})
+        before = {id(p): [p.detach().clone()] + [opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")]
+                  for p in model.parameters() if p in opt.state}
+        with sat.omitting():
+            model(**batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sat.end_step()
+        per_step.append(len(builds))
+        for s in sat.omitted():
+            after = [s.param.detach()] + [opt.state[s.param][k] for k in ("exp_avg", "exp_avg_sq")]
+            for old, new in zip(before.get(id(s.param), []), after):
+                assert torch.equal(old.index_select(s.dim, s.index), new.index_select(s.dim, s.index)), s.name
+    assert keeps[0] == keeps[1] and keeps[2] == keeps[3] and keeps[1] != keeps[2]
+    assert per_step[0] > 0 and per_step[1] == per_step[0]
+    assert per_step[2] > per_step[1] and per_step[3] == per_step[2]
+
+
 def _same_selection(a: dict, b: dict) -> bool:
     if a.keys() != b.keys():
         return False

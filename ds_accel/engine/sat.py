@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from ..parallel.tensor import TensorParallel, tensor_parallel
 from ..sat import LORS, ImportanceTracker, omit, omitted_slices, select
 from ..sat.importance import CHANNELS, HEADS
 from ..sat.omit import ResolveCache, resolve
-from ..sat.optim_guard import FragmentPlan, FrozenFragment, OmittedSlice, OmittedStateGuard, plans_on_device
+from ..sat.optim_guard import FrozenFragment, OmittedSlice, OmittedStateGuard, fragment_plans
 from ..structure import UnitShape, decoder_layers
 from .params import is_zero3
 
@@ -69,20 +70,16 @@ def _local_fragment(p: torch.nn.Parameter, inner: torch.optim.Optimizer) -> Loca
     return LocalFragment(0, p.numel(), p.data.view(-1), tuple(state[k].view(-1) for k in _MOMENTS if k in state))
 
 
-def frozen_fragments(inner: torch.optim.Optimizer, slices: list[OmittedSlice]) -> list[FrozenFragment]:
+def frozen_fragments(inner: torch.optim.Optimizer, slices: list[OmittedSlice], cache: dict | None = None
+                     ) -> list[FrozenFragment]:
     """The ``freeze`` policy's work for one step on this rank: every omitted slice, cut to the piece of
-    its parameter in this rank's partition; index tensors go to the device in one copy."""
-    parts: list[tuple[FragmentPlan, LocalFragment]] = []
-    for s in slices:
-        fragment = _local_fragment(s.param, inner)
-        if fragment is None or fragment.numel == 0:
-            continue
-        shape = getattr(s.param, "ds_shape", s.param.shape)  # a ZeRO-3 weight's own tensor is a 1-D placeholder
-        plan = FragmentPlan.build(shape, s.dim, s.index, fragment.start, fragment.numel)
-        if plan.pieces:
-            parts.append((plan, fragment))
-    plans = plans_on_device([plan for plan, _ in parts], parts[0][1].master.device) if parts else []
-    return [FrozenFragment(plan, f.master, f.state) for plan, (_, f) in zip(plans, parts)]
+    its parameter in this rank's partition; index tensors go to the device in one copy. ``cache``: the
+    plans of earlier steps with the same ``slices`` (:func:`~ds_accel.sat.optim_guard.fragment_plans`)."""
+    parts = [(i, f) for i, f in enumerate(_local_fragment(s.param, inner) for s in slices) if f is not None and f.numel]
+    if not parts:
+        return []
+    plans = fragment_plans(slices, [(i, f.start, f.numel) for i, f in parts], parts[0][1].master.device, cache)
+    return [FrozenFragment(plan, f.master, f.state) for plan, (_, f) in zip(plans, parts) if plan.pieces]
 
 
 @dataclass(frozen=True)
@@ -196,6 +193,7 @@ class SATController:
                                          device=family.device(first))
         self.keep_heads, self.keep_channels = {}, {}
         self._resolve = ResolveCache(family.resolve)  # new layers: nothing resolved for them yet
+        self._omitted_for: tuple[Any, list[OmittedSlice], dict] | None = None  # see _frozen
         self.selection = self._resolve(self.layers, {}, {}, self._shard)
         self.zero3 = any(is_zero3(p) for p in first.parameters())
         if self.zero3:
@@ -240,10 +238,18 @@ class SATController:
             self.selection = self._resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
         self.rate = rate
         if self.guard is not None and (self.keep_heads or self.keep_channels):
-            slices = self.omitted()
-            self.guard.arm(lambda: frozen_fragments(self.guard.optimizer, slices))
+            self.guard.arm(partial(self._frozen, self.selection))
         self.bookkeeping_s += time.perf_counter() - start
         return rate
+
+    def _frozen(self, selection: Any) -> list[FrozenFragment]:
+        """The guard's fragments for this step. The omitted slices and their plans are kept with the resolved
+        selection (the same object while the kept units stay; a family that resolves nothing ahead, None,
+        builds them every step)."""
+        if selection is None or self._omitted_for is None or self._omitted_for[0] is not selection:
+            self._omitted_for = (selection, self.omitted(), {})
+        _, slices, plans = self._omitted_for
+        return frozen_fragments(self.guard.optimizer, slices, plans)
 
     def _average_scores(self) -> None:
         if dist.is_initialized() and dist.get_world_size(self.dp_group) > 1:

@@ -123,6 +123,8 @@ class _Piece:
         block = flat.narrow(0, self.offset, self.rows * self.width).view(self.rows, self.width)
         if self.index is None:
             block.copy_(saved)
+        elif self.dim == 1 and self.rows > 1:  # columns: 76 against index_copy_'s 211 us on a 256 x 688 weight
+            block.scatter_(1, self.index.expand(self.rows, -1), saved)
         else:
             block.index_copy_(self.dim, self.index, saved)
 
@@ -196,6 +198,20 @@ class FrozenFragment:
     state: tuple[Tensor, ...]
 
 
+def fragment_plans(slices: Sequence[OmittedSlice], wanted: Sequence[tuple[int, int, int]], device: torch.device,
+                   cache: dict | None = None) -> list[FragmentPlan]:
+    """:meth:`FragmentPlan.build` for each ``(i, start, numel)`` of ``wanted`` (slice ``slices[i]`` over that
+    fragment of its parameter), new index tensors on ``device`` in one copy. ``cache``: a dict kept with one
+    list of slices (one resolved selection), so the steps that reuse the selection reuse its plans: the host
+    work and the copy are paid when the kept units change, not every step."""
+    cache = {} if cache is None else cache
+    missing = [key for key in wanted if key not in cache]
+    built = [FragmentPlan.build(getattr(slices[i].param, "ds_shape", slices[i].param.shape),  # ZeRO-3: 1-D placeholder
+                                slices[i].dim, slices[i].index, start, numel) for i, start, numel in missing]
+    cache.update(zip(missing, plans_on_device(built, device)))
+    return [cache[key] for key in wanted]
+
+
 def plans_on_device(plans: Sequence[FragmentPlan], device: torch.device) -> list[FragmentPlan]:
     """The plans with their index tensors on ``device``, in one copy for all of them."""
     indexed = [p.index for plan in plans for p in plan.pieces if p.index is not None]
@@ -266,14 +282,15 @@ class OmittedStateGuard:
         self.seconds += time.perf_counter() - start
 
 
-def whole_parameter_fragments(optimizer: torch.optim.Optimizer, slices: Sequence[OmittedSlice]
-                              ) -> list[FrozenFragment]:
+def whole_parameter_fragments(optimizer: torch.optim.Optimizer, slices: Sequence[OmittedSlice],
+                              cache: dict | None = None) -> list[FrozenFragment]:
     """Fragments for a plain torch optimizer stepping the model's own parameters: each omitted slice's
-    whole parameter and its per-element state tensors (AdamW's moments; any state of the parameter's shape)."""
+    whole parameter and its per-element state tensors (AdamW's moments; any state of the parameter's shape).
+    ``cache``: see :func:`fragment_plans`."""
     if not slices:
         return []
-    plans = plans_on_device([FragmentPlan.build(s.param.shape, s.dim, s.index, 0, s.param.numel()) for s in slices],
-                            slices[0].param.device)
+    plans = fragment_plans(slices, [(i, 0, s.param.numel()) for i, s in enumerate(slices)], slices[0].param.device,
+                           cache)
     fragments = []
     for s, plan in zip(slices, plans):
         state = optimizer.state.get(s.param, {})
@@ -297,5 +314,5 @@ def guard_omitted(optimizer: torch.optim.Optimizer, slices: Sequence[OmittedSlic
         guard.remove()
 
 
-__all__ = ["POLICIES", "FragmentPlan", "FrozenFragment", "OmittedSlice", "OmittedStateGuard", "guard_omitted",
-           "omitted_slices", "plans_on_device", "whole_parameter_fragments"]
+__all__ = ["POLICIES", "FragmentPlan", "FrozenFragment", "OmittedSlice", "OmittedStateGuard", "fragment_plans",
+           "guard_omitted", "omitted_slices", "plans_on_device", "whole_parameter_fragments"]
