@@ -281,7 +281,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     save()
     final_val = next((r["val_loss"] for r in reversed(log.rows) if "val_loss" in r), None)
     result = {"step": state.step, "val_loss": final_val, "tokens": state.tokens, "flops": state.flops,
-              "wall_s": state.wall_s, "sat_bookkeeping_s": sat.bookkeeping_s, "output_dir": str(out),
+              "wall_s": state.wall_s, "sat_bookkeeping_s": sat.bookkeeping_s, "sat_selections": sat.selections,
+              "sat_selection_changes": sat.selection_changes, "output_dir": str(out),
               "layout": {"data_parallel": dp_world, "tensor_parallel": tp, "pipeline_parallel": pp}}
     if cfg.run.export:
         export = _megatron().export_hf if cfg.model.backend == "megatron" else export_hf

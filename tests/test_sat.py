@@ -643,6 +643,26 @@ def test_freeze_plans_are_built_once_per_selection(monkeypatch):
     assert per_step[2] > per_step[1] and per_step[3] == per_step[2]
 
 
+def test_controller_counts_selections_that_change_the_kept_set():
+    """``selection_changes`` counts the selections that kept another set than the one before: the first one,
+    then only new scores (``random`` redraws them at each ``end_step``) that pick other units; re-selecting
+    with the scores unchanged is a selection but no change."""
+    from ds_accel.config import SATConfig
+    from ds_accel.engine.sat import SATController
+
+    cfg = SATConfig(enabled=True, omission_rate=0.5, stage1_fraction=1.0, metric="random")
+    sat = SATController(cfg, tiny_model(), total_steps=8, seed=0)
+    sat.begin_step(0)
+    first = {k: v.tolist() for k, v in sat.keep_channels.items()}
+    sat.begin_step(1)  # no end_step: the same scores
+    assert {k: v.tolist() for k, v in sat.keep_channels.items()} == first
+    assert (sat.selections, sat.selection_changes) == (2, 1)
+    sat.end_step()
+    sat.begin_step(2)
+    assert {k: v.tolist() for k, v in sat.keep_channels.items()} != first
+    assert (sat.selections, sat.selection_changes) == (3, 2)
+
+
 def _same_selection(a: dict, b: dict) -> bool:
     if a.keys() != b.keys():
         return False

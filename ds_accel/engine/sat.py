@@ -162,7 +162,10 @@ class SATController:
     is a per-block quota on which units survive; the rate, and the FLOPs saved, are the same.
 
     ``bookkeeping_s``: host time spent choosing units, resolving them, updating importance and in the
-    optimizer guard (its snapshot and write-back run inside the engine's step).
+    optimizer guard (its snapshot and write-back run inside the engine's step). ``selections`` /
+    ``selection_changes``: how many times units were selected, and how many of those kept another set
+    than the selection before (the first one and each LORS rung included): how often omitted units
+    come back.
     """
 
     def __init__(self, cfg: SATConfig, model, total_steps: int, seed: int, dp_group=None, pipe_group=None,
@@ -178,6 +181,7 @@ class SATController:
         self.guard: OmittedStateGuard | None = None
         self.emit_every = micro_batches  # backward passes per gradient hand-over (see attach)
         self.bookkeeping_s = 0.0
+        self.selections = self.selection_changes = 0
         self.rebind(model)
 
     def rebind(self, model) -> None:
@@ -235,7 +239,10 @@ class SATController:
                                      head_omission_rate=rate if self.cfg.heads else 0.0,
                                      selection=self.cfg.selection, seed=self.seed, step=step)
             self.keep_heads, self.keep_channels = heads, channels if self.cfg.channels else {}
+            resolutions = self._resolve.resolutions
             self.selection = self._resolve(self.layers, self.keep_heads, self.keep_channels, self._shard)
+            self.selections += 1
+            self.selection_changes += self._resolve.resolutions - resolutions
         self.rate = rate
         if self.guard is not None and (self.keep_heads or self.keep_channels):
             self.guard.arm(partial(self._frozen, self.selection))
@@ -315,6 +322,7 @@ class NoSAT:
 
     rate = 0.0
     bookkeeping_s = 0.0
+    selections = selection_changes = 0
 
     def attach(self, optimizer: Any) -> None:
         pass

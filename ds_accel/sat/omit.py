@@ -161,6 +161,7 @@ class ResolveCache:
 
     def __init__(self, resolve_fn: Callable[..., Any] = resolve) -> None:
         self.resolve_fn = resolve_fn
+        self.resolutions = 0  # calls that resolved (a selection unlike the one before)
         self._key: tuple | None = None
         self._value: Any = None
 
@@ -170,6 +171,7 @@ class ResolveCache:
         if self._key is None or not self._same(self._key, key):
             self._value = self.resolve_fn(layers, keep_heads, keep_channels, shard)
             self._key = key
+            self.resolutions += 1
         return self._value
 
     @staticmethod
