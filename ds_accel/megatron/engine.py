@@ -83,14 +83,13 @@ def _tensor_parallel(model: Any) -> TensorParallel | None:
 def _omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches, keep_slices, resolved, forwards):
     # ``forwards`` is not needed: Megatron's slices are always the gather-once kind
     return msat.omit(layers, keep_heads, keep_channels, tracker, shard, micro_batches=micro_batches,
-                     keep_slices=keep_slices)
+                     keep_slices=keep_slices, selection=resolved)
 
 
-# SAT on Megatron layers (ds_accel.engine.sat.SATController(family=MEGATRON)): the sliced forward resolves
-# its own indices each step, so there is nothing to resolve ahead
+# SAT on Megatron layers (ds_accel.engine.sat.SATController(family=MEGATRON))
 MEGATRON = DecoderFamily(
     decoder_layers=msat.decoder_layers, unit_shape=msat.unit_shape, tensor_parallel=_tensor_parallel,
-    resolve=lambda layers, keep_heads, keep_channels, shard: None, omit=_omit,
+    resolve=msat.resolve, omit=_omit,
     omitted_slices=lambda layers, keep_heads, keep_channels, shard, resolved:
         msat.omitted_slices(layers, keep_heads, keep_channels, shard),
     device=lambda layer: layer.mlp.linear_fc2.weight.device)

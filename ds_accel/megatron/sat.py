@@ -238,32 +238,69 @@ def _channel_index(layer: TransformerLayer, kept: Tensor, shard: TensorShard | N
     return _ChannelIndex(fc1_rows, fc2_columns), kept_global
 
 
+@dataclass(frozen=True)
+class _Half:
+    """One sliced half of a layer on this rank: its device indices (None: this rank keeps none of the
+    layer's kept units) and this rank's kept units as global numbers, for recording."""
+
+    index: _HeadIndex | _ChannelIndex | None
+    kept: Tensor | None
+
+
+LayerIndex = tuple[_Half | None, _Half | None]  # (attention, MLP); None: that half runs dense
+
+
+def _resolve_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_channels: Tensor | None,
+                   shard: TensorShard | None) -> LayerIndex:
+    shape = unit_shape(layer)
+    heads = channels = None
+    if kept_heads is not None and len(unique_indices(kept_heads.cpu(), shape.heads, "heads")) < shape.heads:
+        found = _head_index(layer, kept_heads, shard)
+        heads = _Half(None, None) if found is None else _Half(*found)
+    if kept_channels is not None and len(unique_indices(kept_channels.cpu(), shape.channels, "channels")) < shape.channels:
+        found = _channel_index(layer, kept_channels, shard)
+        channels = _Half(None, None) if found is None else _Half(*found)
+    return heads, channels
+
+
+def resolve(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
+            shard: TensorShard | None = None) -> dict[int, LayerIndex]:
+    """Every layer's selection on this rank as device indices (``ds_accel.sat.omit.resolve`` for Megatron):
+    made once per selection, since the controller's ``ResolveCache`` hands the same one back while the
+    kept units stay, so a step's :func:`omit` neither reads indices on the host nor copies them."""
+    layers = decoder_layers(model_or_layers)
+    unknown = (set(keep_heads) | set(keep_channels)) - set(layers)
+    if unknown:
+        raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
+    shard = tensor_shard(next(iter(layers.values()))) if shard is None else shard
+    return {index: _resolve_layer(layer, keep_heads.get(index), keep_channels.get(index), shard)
+            for index, layer in layers.items()}
+
+
 def omit_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_channels: Tensor | None,
                shard: TensorShard | None = None, record_heads: Callable[..., None] | None = None,
-               record_channels: Callable[..., None] | None = None, take: Take = _index_select
-               ) -> list[Callable[[], None]]:
+               record_channels: Callable[..., None] | None = None, take: Take = _index_select,
+               resolved: LayerIndex | None = None) -> list[Callable[[], None]]:
     """Install the sliced forward (or, when recording, the dense observers) on one layer; returns the undos.
 
     ``kept_heads`` / ``kept_channels``: global indices, None (or all units) for a dense half, which
     keeps Megatron's own forward. ``record_*``: ``record(activation, kept=None, weight=None)``. The
-    indices go to the device here, once, so the forward and backward never wait on the host.
+    indices go to the device here, once, so the forward and backward never wait on the host;
+    ``resolved``: this layer's entry of :func:`resolve` for the same selection (then nothing is copied).
     """
-    shape, undo = unit_shape(layer), []
+    heads, channels = _resolve_layer(layer, kept_heads, kept_channels, shard) if resolved is None else resolved
+    undo: list[Callable[[], None]] = []
     attn, mlp = layer.self_attention, layer.mlp
-    if kept_heads is not None and len(unique_indices(kept_heads.cpu(), shape.heads, "heads")) < shape.heads:
-        found = _head_index(layer, kept_heads, shard)
-        if record_heads is not None and found is not None:
-            record_heads = partial(record_heads, kept=found[1])
-        index = None if found is None else found[0]
-        undo.append(_swap_forward(attn, partial(_sliced_attention, attn, index, shard, record_heads, take)))
+    if heads is not None:
+        if record_heads is not None and heads.kept is not None:
+            record_heads = partial(record_heads, kept=heads.kept)
+        undo.append(_swap_forward(attn, partial(_sliced_attention, attn, heads.index, shard, record_heads, take)))
     elif record_heads is not None:
         undo.append(_observe_dense(attn.linear_proj, record_heads, None if shard is None else shard.heads))
-    if kept_channels is not None and len(unique_indices(kept_channels.cpu(), shape.channels, "channels")) < shape.channels:
-        found = _channel_index(layer, kept_channels, shard)
-        if record_channels is not None and found is not None:
-            record_channels = partial(record_channels, kept=found[1])
-        index = None if found is None else found[0]
-        undo.append(_swap_forward(mlp, partial(_sliced_mlp, mlp, index, shard, record_channels, take)))
+    if channels is not None:
+        if record_channels is not None and channels.kept is not None:
+            record_channels = partial(record_channels, kept=channels.kept)
+        undo.append(_swap_forward(mlp, partial(_sliced_mlp, mlp, channels.index, shard, record_channels, take)))
     elif record_channels is not None:
         undo.append(_observe_dense(mlp.linear_fc2, record_channels, None if shard is None else shard.channels))
     return undo
@@ -272,24 +309,24 @@ def omit_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_channels
 @contextmanager
 def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
          tracker: ImportanceTracker | None = None, shard: TensorShard | None = None,
-         micro_batches: int = 1, keep_slices: bool = True) -> Iterator[StepSlices]:
+         micro_batches: int = 1, keep_slices: bool = True,
+         selection: dict[int, LayerIndex] | None = None) -> Iterator[StepSlices]:
     """``ds_accel.sat.omit`` for a Megatron GPTModel (or its layers), which delegates here: forward and
     backward inside the context compute only the kept heads and channels, with a ``tracker`` every layer
     records importance, and one context is one optimizer step of ``micro_batches`` passes sharing the
     weight slices (:class:`~ds_accel.sat.omit.StepSlices`, yielded). ``shard``: default
-    :func:`tensor_shard` of the first layer (Megatron TP is read off the model)."""
+    :func:`tensor_shard` of the first layer (Megatron TP is read off the model). ``selection``: the
+    same dicts already resolved by :func:`resolve`."""
     layers = decoder_layers(model_or_layers)
-    unknown = (set(keep_heads) | set(keep_channels)) - set(layers)
-    if unknown:
-        raise ValueError(f"omit(): no decoder layer with index {sorted(unknown)}")
     shard = tensor_shard(next(iter(layers.values()))) if shard is None else shard
+    selection = resolve(layers, keep_heads, keep_channels, shard) if selection is None else selection
     slices = StepSlices(micro_batches, keep_slices)
     with ExitStack() as stack:
         for index, layer in layers.items():
             record = {} if tracker is None else {"record_heads": partial(tracker.record_heads, index),
                                                  "record_channels": partial(tracker.record_channels, index)}
             for undo in omit_layer(layer, keep_heads.get(index), keep_channels.get(index), shard, take=slices,
-                                   **record):
+                                   resolved=selection[index], **record):
                 stack.callback(undo)
         yield slices
     slices.check_complete()
@@ -333,4 +370,5 @@ def omitted_slices(model_or_layers: Any, keep_heads: KeepDict, keep_channels: Ke
     return out
 
 
-__all__ = ["decoder_layers", "is_megatron", "omit", "omit_layer", "omitted_slices", "tensor_shard", "unit_shape"]
+__all__ = ["decoder_layers", "is_megatron", "omit", "omit_layer", "omitted_slices", "resolve", "tensor_shard",
+           "unit_shape"]

@@ -484,14 +484,15 @@ def omit(model_or_layers: Any, keep_heads: KeepDict, keep_channels: KeepDict,
     ``shard``: under tensor parallelism, this rank's block; the dicts still hold global indices (the
     same on every rank) and the tracker records each unit on the rank that holds it. ``selection``:
     the dicts already resolved by :func:`resolve` (an engine resolves once per step and reuses it).
-    A Megatron-core model (or its layers) is delegated to ``ds_accel.megatron.sat.omit`` (same meaning).
+    A Megatron-core model (or its layers) is delegated to ``ds_accel.megatron.sat.omit`` (same meaning;
+    its ``selection`` from ``ds_accel.megatron.sat.resolve``).
     """
     if "megatron.core" in sys.modules:  # only then can a Megatron model exist
         from ds_accel.megatron import sat as megatron
 
         if megatron.is_megatron(model_or_layers):
             with megatron.omit(model_or_layers, keep_heads, keep_channels, tracker, shard, micro_batches,
-                               keep_slices) as megatron_slices:
+                               keep_slices, selection) as megatron_slices:
                 yield megatron_slices
             return
     layers = decoder_layers(model_or_layers)
