@@ -121,9 +121,11 @@ class _Piece:
 
     def write(self, flat: Tensor, saved: Tensor) -> None:
         block = flat.narrow(0, self.offset, self.rows * self.width).view(self.rows, self.width)
+        # columns: scatter_ took 78 against index_copy_'s 183 us on a 256 x 688 weight; rows the other way
+        # round, 228 against 41 us (docs/benchmark/step/freeze_probe/writeback_micro.txt)
         if self.index is None:
             block.copy_(saved)
-        elif self.dim == 1 and self.rows > 1:  # columns: 76 against index_copy_'s 211 us on a 256 x 688 weight
+        elif self.dim == 1 and self.rows > 1:
             block.scatter_(1, self.index.expand(self.rows, -1), saved)
         else:
             block.index_copy_(self.dim, self.index, saved)
