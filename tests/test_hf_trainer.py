@@ -150,6 +150,8 @@ def test_sat_callback_omits_units_and_freezes_their_state(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(math.isfinite(entry["loss"]) for entry in logs)
     assert [entry["sat_omission_rate"] for entry in logs] == [0.5, 0.5, 1 / 3, 0.0]
+    # the first selection, step 1's never-seen channels, and the rate at each of the last two steps
+    assert [entry["sat_selection_changes"] for entry in logs] == [1, 2, 3, 4]
     assert probe.eval_dense == [True] * steps, "evaluation during training did not run dense"
     assert not _swapped(model) and model.config.use_cache
 

@@ -35,8 +35,9 @@ the callback is what enables SAT. Not carried over a resume: the importance scor
 the first steps visit every unit again); LORS continues from the resumed global step.
 
 A training step that raises leaves its context open (a callback does not see exceptions); the next
-``trainer.train()`` closes it, and :meth:`SATCallback.close` does it at once. ``sat_omission_rate`` is
-added in ``on_log``, so it reaches ``trainer.state.log_history``, the printed logs and the callbacks
+``trainer.train()`` closes it, and :meth:`SATCallback.close` does it at once. ``sat_omission_rate`` and
+``sat_selection_changes`` (selections so far that kept another set than the one before) are added in
+``on_log``, so it reaches ``trainer.state.log_history``, the printed logs and the callbacks
 after this one; report_to integrations see it when this callback runs first:
 ``trainer.callback_handler.callbacks.insert(0, sat)`` instead of ``callbacks=[sat]``.
 """
@@ -93,8 +94,10 @@ class SATCallback(TrainerCallback):
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         """Training logs only (they carry "loss"): evaluation runs dense."""
         if self.controller is not None and logs is not None and "loss" in logs:
-            logs["sat_omission_rate"] = self.controller.rate
-            state.log_history[-1]["sat_omission_rate"] = self.controller.rate  # Trainer.log's copy of logs
+            entry = {"sat_omission_rate": self.controller.rate,
+                     "sat_selection_changes": self.controller.selection_changes}  # so far (SATController)
+            logs.update(entry)
+            state.log_history[-1].update(entry)  # Trainer.log's copy of logs
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
