@@ -4,8 +4,8 @@ Ranks are forked from a forkserver that has imported torch, DeepSpeed, transform
 once per test session (``PRELOAD``): a spawned rank spent 7.5-9.2 s importing them on the 2-core
 machine (docs/examples/make_test_timing.txt), at every launch of every multi-rank test. The server is a
 fresh process that only imported (no tensors, no process group; its one thread besides the main one is
-the BLAS pool numpy starts, which OpenBLAS re-creates after a fork); each rank still starts its own process group, gets the caller's
-environment as it is at the launch, and exits after one function.
+the BLAS pool numpy starts, which OpenBLAS re-creates after a fork); each rank still starts its own
+process group, gets the caller's environment as it is at the launch, and exits after one function.
 
 Every rank runs under ``collective_check.CollectiveCheck``: a collective that would get a host tensor
 (or a dtype NCCL lacks) on a CUDA machine fails the run, with every violation and its call site.

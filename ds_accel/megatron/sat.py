@@ -254,10 +254,14 @@ def _resolve_layer(layer: TransformerLayer, kept_heads: Tensor | None, kept_chan
                    shard: TensorShard | None) -> LayerIndex:
     shape = unit_shape(layer)
     heads = channels = None
-    if kept_heads is not None and len(unique_indices(kept_heads.cpu(), shape.heads, "heads")) < shape.heads:
+
+    def omits(kept: Tensor | None, n: int, what: str) -> bool:
+        return kept is not None and len(unique_indices(kept.cpu(), n, what)) < n
+
+    if omits(kept_heads, shape.heads, "heads"):
         found = _head_index(layer, kept_heads, shard)
         heads = _Half(None, None) if found is None else _Half(*found)
-    if kept_channels is not None and len(unique_indices(kept_channels.cpu(), shape.channels, "channels")) < shape.channels:
+    if omits(kept_channels, shape.channels, "channels"):
         found = _channel_index(layer, kept_channels, shard)
         channels = _Half(None, None) if found is None else _Half(*found)
     return heads, channels
