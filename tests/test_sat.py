@@ -355,6 +355,36 @@ def test_selection_follows_scores_with_deterministic_ties():
         select_topk_balanced(torch.ones(6), 0.5, 4)
 
 
+@pytest.mark.parametrize("kept,even", [([0, 1, 4, 5], True), ([4, 5, 6, 7], True), ([1, 4, 6], False)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_evenly_shared_kv_heads_use_sdpa_gqa(kept, even, padded, monkeypatch):
+    """Kept KV heads serving equally many kept query heads go to SDPA's own GQA (as HF's dense attention
+    does without a mask); the result equals the masked reference either way."""
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    omitted_rows = rows(omitted(torch.tensor(kept), HEADS))
+    with torch.no_grad():
+        ref.model.layers[0].self_attn.o_proj.weight[:, omitted_rows] = 0
+    ref_loss = ref(**batch(padded)).loss
+    ref_loss.backward()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(k.get("enable_gqa")) or sdpa(*a, **k))
+    with omit(model, {0: torch.tensor(kept)}, {}):
+        loss = model(**batch(padded)).loss
+        loss.backward()
+    assert calls[0] is (even and not padded)  # layer 0 is sliced, layer 1 is HF's dense attention
+    assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=0)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        grad, ref_grad = p.grad.clone(), ref_params[name].grad.clone()
+        if name == "model.layers.0.self_attn.o_proj.weight":
+            assert torch.all(grad[:, omitted_rows] == 0)
+            grad[:, omitted_rows] = ref_grad[:, omitted_rows] = 0
+        assert relative_error(grad, ref_grad) < 1e-8, name
+
+
 def test_kv_group_granularity_keeps_whole_groups():
     tracker = tracker_with([10, 0, 0, 0, 3, 3, 3, 3], [float(c % 7) for c in range(CHANNELS)])
     assert select_heads(tracker, 0, 0.75).tolist() == [0, 4]

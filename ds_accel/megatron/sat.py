@@ -47,7 +47,7 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor, nn
 
-from ..sat.omit import HeadSelection, StepSlices, to_device
+from ..sat.omit import HeadSelection, StepSlices, attend, to_device
 from ..sat.optim_guard import OmittedSlice
 from ..structure import KeepDict, TensorShard, UnitShape, head_rows, in_block, unique_indices
 from .layout import qkv_k_rows, qkv_q_rows, qkv_v_rows
@@ -133,12 +133,14 @@ def _output(linear: nn.Module, a: Tensor, weight: Tensor | None, shard: TensorSh
 class _HeadIndex:
     """One layer's kept heads on this rank, as device indices made once per context: the linear_qkv rows
     (the kept query heads', then their KV heads' keys, then values), the widths of those three parts,
-    each kept query head's position among the kept KV heads (None without GQA), linear_proj's columns."""
+    each kept query head's position among the kept KV heads (None without GQA), linear_proj's columns,
+    and whether the kept KV heads serve equally many kept query heads (``HeadSelection.even_groups``)."""
 
     qkv_rows: Tensor
     widths: tuple[int, int, int]
     q_to_kv: Tensor | None
     proj_columns: Tensor
+    even_groups: bool
 
 
 @dataclass(frozen=True)
@@ -169,11 +171,9 @@ def _sliced_attention(attn: nn.Module, index: _HeadIndex | None, shard: TensorSh
         cp = attn.pg_collection.cp
         q = apply_rotary_pos_emb(q, q_emb, config=attn.config, cp_group=cp)
         k = apply_rotary_pos_emb(k, k_emb, config=attn.config, cp_group=cp)
-    if index.q_to_kv is not None:
-        k, v = k.index_select(2, index.q_to_kv), v.index_select(2, index.q_to_kv)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [batch, heads, seq, head_dim]
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
+    out = attend(
+        q, k, v, index.q_to_kv, index.even_groups, None if attention_mask is None else ~attention_mask,
         dropout_p=attn.config.attention_dropout if attn.training else 0.0,
         is_causal=attention_mask is None and q.shape[2] > 1, scale=attn.core_attention.softmax_scale)
     out = out.permute(2, 0, 1, 3).flatten(-2)  # [seq, batch, kept heads * head_dim]
@@ -222,7 +222,7 @@ def _head_index(layer: TransformerLayer, kept: Tensor, shard: TensorShard | None
     host += [] if heads.q_to_kv is None else [heads.q_to_kv]
     dev = to_device(host, layer.self_attention.linear_qkv.weight.device)
     widths = (len(rows[0]), len(rows[1]), len(rows[2]))
-    return _HeadIndex(dev[0], widths, dev[3] if len(dev) > 3 else None, dev[1]), dev[2]
+    return _HeadIndex(dev[0], widths, dev[3] if len(dev) > 3 else None, dev[1], heads.even_groups), dev[2]
 
 
 def _channel_index(layer: TransformerLayer, kept: Tensor, shard: TensorShard | None

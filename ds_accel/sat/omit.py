@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ds_accel.structure import KeepDict, TensorShard, decoder_layers, head_rows, in_block, unique_indices
@@ -68,7 +69,9 @@ class HeadSelection:
 
     ``kv_heads`` is the union of the kept query heads' KV heads (query head h uses KV head
     h // (num_heads / num_kv_heads)); ``q_to_kv[i]`` is the position of kept query head i's KV head
-    within ``kv_heads`` (None without GQA, where the two lists coincide).
+    within ``kv_heads`` (None without GQA, where the two lists coincide). ``even_groups``: every kept KV
+    head serves as many kept query heads (always so for ``kv_group`` granularity), so attention can
+    take the kept KV heads as they are (:func:`attend`).
     """
 
     q_heads: Tensor
@@ -76,6 +79,7 @@ class HeadSelection:
     q_rows: Tensor
     kv_rows: Tensor
     q_to_kv: Tensor | None
+    even_groups: bool = False
 
     @classmethod
     def of(cls, attn: nn.Module, kept: Tensor) -> HeadSelection:
@@ -89,8 +93,10 @@ class HeadSelection:
         kv_of_q = q_heads // groups
         kv_heads = torch.unique(kv_of_q)
         q_to_kv = torch.searchsorted(kv_heads, kv_of_q) if groups > 1 else None
+        counts = torch.bincount(q_to_kv) if q_to_kv is not None and len(q_to_kv) else None
+        even = counts is not None and bool((counts == counts[0]).all())
         rows = partial(head_rows, head_dim=head_dim)
-        return cls(q_heads, kv_heads, rows(q_heads), rows(kv_heads), q_to_kv)
+        return cls(q_heads, kv_heads, rows(q_heads), rows(kv_heads), q_to_kv, even)
 
 
 @dataclass(frozen=True)
@@ -295,11 +301,28 @@ def _output(linear: nn.Module, a: Tensor, weight: Tensor | None, shard: TensorSh
     return out if linear.bias is None else out + linear.bias
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, q_to_kv: Tensor | None, even_groups: bool,
+           attention_mask: Tensor | None, **sdpa: Any) -> Tensor:
+    """Scaled-dot-product attention of the kept query heads on the kept KV heads ([batch, heads, seq, dim]).
+
+    GQA with evenly shared KV heads goes to SDPA's own GQA (``enable_gqa``), under the condition HF's dense
+    Llama attention uses it (transformers' ``use_gqa_in_sdpa``: no mask, on CUDA), so SAT's attention is the
+    dense kernel at a smaller width. Otherwise each kept query head gets a copy of its KV head
+    (``index_select``), whose backward scatters: on the ``small`` preset's kept heads that took 1.97-2.72 ms
+    against 1.67-1.75 ms per layer forward + backward (docs/benchmark/step/gqa_probe/gqa_micro.txt).
+    """
+    gqa = q_to_kv is not None and even_groups and use_gqa_in_sdpa(attention_mask, k, v)
+    if q_to_kv is not None and not gqa:
+        k, v = k.index_select(1, q_to_kv), v.index_select(1, q_to_kv)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=gqa, **sdpa)
+
+
 @dataclass(frozen=True)
 class _AttentionIndex:
     q_rows: Tensor
     kv_rows: Tensor
     q_to_kv: Tensor | None
+    even_groups: bool
     kept: Tensor  # global query heads, for recording
 
 
@@ -333,11 +356,9 @@ def _sliced_attention(attn: nn.Module, index: _AttentionIndex | None, shard: Ten
     v = project(attn.v_proj, index.kv_rows).unflatten(-1, head_shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    if index.q_to_kv is not None:
-        k, v = k.index_select(1, index.q_to_kv), v.index_select(1, index.q_to_kv)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attention_mask, dropout_p=attn.attention_dropout if attn.training else 0.0,
-        is_causal=attention_mask is None and q.shape[2] > 1, scale=attn.scaling)
+    out = attend(q, k, v, index.q_to_kv, index.even_groups, attention_mask,
+                 dropout_p=attn.attention_dropout if attn.training else 0.0,
+                 is_causal=attention_mask is None and q.shape[2] > 1, scale=attn.scaling)
     out = out.transpose(1, 2).flatten(-2)
     weight = slices(attn.o_proj.weight, 1, index.q_rows)
     if record is not None:
@@ -419,7 +440,7 @@ def _device_indices(sel: LayerSelection, shard: TensorShard | None, dev: Iterato
     attn = mlp = None
     if heads is not None and len(heads.q_heads):
         q_rows, kv_rows, kept = next(dev), next(dev), next(dev)
-        attn = _AttentionIndex(q_rows, kv_rows, None if heads.q_to_kv is None else next(dev), kept)
+        attn = _AttentionIndex(q_rows, kv_rows, None if heads.q_to_kv is None else next(dev), heads.even_groups, kept)
     if channels is not None and len(channels):
         mlp = _MLPIndex(next(dev), next(dev))
     block_heads, block_channels = (next(dev), next(dev)) if shard is not None else (None, None)
