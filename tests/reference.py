@@ -316,6 +316,20 @@ def deviation(got: dict[str, list], want: dict[str, list], lr: float) -> dict[st
     return {"weight": largest, "weight_rms": (squares / count) ** 0.5, "moment": moments}
 
 
+def assert_within_float_error(err: dict[str, float], f32: dict[str, float]) -> None:
+    """A multi-rank float32 run's weight deviation ``err`` from the float64 reference, against the float32
+    twin's ``f32`` (both from :func:`deviation`): RMS within 2 e32, the largest error within 4 e32.
+
+    The largest error is one element's: where Adam amplifies gradient rounding most (|g| near eps), the same
+    element in the run and in the twin (measured), so it is the size of one rounding draw there, and one draw
+    of the twin bounds another's only loosely: a tp=2 run's largest error was 2.2 times the twin's on an
+    AVX-512 CPU, at the element where the twin's was largest, with the RMS at 1.6 times. A wrong step (a
+    missed reduction, a frozen row that moved) is of order lr on whole rows: the RMS bounds here are 1e-5
+    to 1e-3 lr (the ``adam`` and ``freeze`` references end 1.0 lr RMS apart, tests/test_reference_sat.py)."""
+    assert err["weight_rms"] <= 2 * f32["weight_rms"], (err, f32)
+    assert err["weight"] <= 4 * f32["weight"], (err, f32)
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
     """torch on one thread (restored after): the tiny models' GEMMs gain nothing from a second thread, and
@@ -350,7 +364,8 @@ def check_sat_run(cfg_dict: dict, rows: list[dict], export_dir, shards: int = 1)
     """A finished trainer run of ``cfg_dict`` (SAT with LORS, no V-cycle, one data-parallel group: every rank
     reads the whole global batch) against :func:`sat_reference` in float64: the rates, LRs and losses of
     ``rows`` (metrics.jsonl, a row per step) and the weights in ``export_dir``, each within 2x the float32
-    twin's deviation (tests/test_reference_sat.py argues the bound; losses also get 4 float32 ulps).
+    twin's deviation (tests/test_reference_sat.py argues the bound; losses also get 4 float32 ulps), the
+    largest weight error within 4x (:func:`assert_within_float_error`).
     ``shards``: the tensor-parallel ranks a ``balanced`` selection spreads over. Returns the deviations."""
     from ds_accel.config import from_dict
     from ds_accel.data import BlockSampler, prepare
@@ -380,6 +395,6 @@ def check_sat_run(cfg_dict: dict, rows: list[dict], export_dir, shards: int = 1)
     f32 = deviation(f32_states[total], states[total], o.lr)
     err = deviation(got, states[total], o.lr)
     assert f32["weight"] < 0.3, "the float32 reference itself is far off"
-    assert err["weight"] <= 2 * f32["weight"] and err["weight_rms"] <= 2 * f32["weight_rms"], (err, f32)
+    assert_within_float_error(err, f32)
     return {"loss": loss_err, "loss_f32": loss_f32, **{k: err[k] for k in ("weight", "weight_rms")},
             **{f"{k}_f32": f32[k] for k in ("weight", "weight_rms")}}

@@ -105,9 +105,9 @@ def _pp2(tied: bool, out_dir: str):
     return losses, layout, state
 
 
-def _reference(tied: bool, cfg):
+def _reference(tied: bool, cfg, dtype: torch.dtype = torch.float32):
     """HF model, same data order, loss/ACCUM backward, clip, AdamW: the non-pipeline trainer's step."""
-    model = _hf_model(tied)
+    model = _hf_model(tied).to(dtype)
     optimizer = _optimizer(model, cfg)
     corpus, sampler = _corpus(), _sampler(cfg.run.seed)
     losses = []
@@ -128,8 +128,17 @@ def _reference(tied: bool, cfg):
 @pytest.mark.distributed
 @pytest.mark.parametrize("tied", [True, False])
 def test_two_stages_train_like_one_process(tmp_path, tied):
+    """Losses against the float32 reference; weights against the float64 one, within the float32 reference's
+    own deviation from it (tests/reference.py: assert_within_float_error). Two float32 runs of this training
+    are not within a fixed tolerance of each other: at the default eps (1e-8) Adam amplifies the rounding of
+    gradients near |g| = eps (the untied float32 reference lands 0.40 lr from float64 at one element), and
+    where such an element falls is up to the CPU's kernels."""
+    from reference import assert_within_float_error, deviation
+
     (losses0, layout0, state0), (losses1, layout1, state1) = run_ranks(_pp2, 2, tied, str(tmp_path))
-    ref_losses, ref_state = _reference(tied, _run_config(tmp_path))
+    cfg = _run_config(tmp_path)
+    ref_losses, ref_state = _reference(tied, cfg)
+    _, exact = _reference(tied, cfg, torch.float64)
     assert losses0 == losses1  # DeepSpeed broadcasts the last stage's loss
     assert losses0 == pytest.approx(ref_losses, rel=1e-5)
     assert ref_losses[-1] < ref_losses[0]  # it trained: the comparison is not between two frozen models
@@ -138,8 +147,11 @@ def test_two_stages_train_like_one_process(tmp_path, tied):
     assert {k.split(".")[2] for k in state1 if ".layers." in k} == {"2", "3"}
     merged = {**state0, **state1}
     assert merged.keys() == ref_state.keys()
-    for name, value in merged.items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=2e-6, msg=name)
+    want = {name: [value] for name, value in exact.items()}
+    err = deviation({name: [value] for name, value in merged.items()}, want, cfg.optim.lr)
+    f32 = deviation({name: [value] for name, value in ref_state.items()}, want, cfg.optim.lr)
+    assert f32["weight"] < 1, "the float32 reference itself is far off"
+    assert_within_float_error(err, f32)
 
 
 def test_layout_errors():
