@@ -305,9 +305,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_to_kv: Tensor | None, even_groups:
            attention_mask: Tensor | None, **sdpa: Any) -> Tensor:
     """Scaled-dot-product attention of the kept query heads on the kept KV heads ([batch, heads, seq, dim]).
 
-    GQA with evenly shared KV heads goes to SDPA's own GQA (``enable_gqa``), under the condition HF's dense
-    Llama attention uses it (transformers' ``use_gqa_in_sdpa``: no mask, on CUDA), so SAT's attention is the
-    dense kernel at a smaller width. Otherwise each kept query head gets a copy of its KV head
+    GQA with evenly shared KV heads goes to SDPA's own GQA (``enable_gqa``) where HF's dense Llama attention
+    uses it (transformers' ``use_gqa_in_sdpa``; on CPU and CUDA: no mask, head_dim <= 256), so SAT's
+    attention is the dense kernel at a smaller width. Otherwise each kept query head gets a copy of its KV head
     (``index_select``), whose backward scatters: on the ``small`` preset's kept heads that took 1.97-2.72 ms
     against 1.67-1.75 ms per layer forward + backward (docs/benchmark/step/gqa_probe/gqa_micro.txt).
     """
