@@ -385,6 +385,25 @@ def test_evenly_shared_kv_heads_use_sdpa_gqa(kept, even, padded, monkeypatch):
         assert relative_error(grad, ref_grad) < 1e-8, name
 
 
+def test_attend_follows_either_use_gqa_in_sdpa_signature(monkeypatch):
+    """transformers' use_gqa_in_sdpa took (mask, key) before it took (mask, key, value): either is asked."""
+    omit_module = sys.modules["ds_accel.sat.omit"]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    q_to_kv = torch.tensor([0, 0, 1, 1])
+    expected = F.scaled_dot_product_attention(q, k.index_select(1, q_to_kv), v.index_select(1, q_to_kv),
+                                              is_causal=True)
+    asked = []
+    for takes_value, answer in ((True, lambda mask, key, value: asked.append(3) or True),
+                                (False, lambda mask, key: asked.append(2) or True)):
+        monkeypatch.setattr(omit_module, "_GQA_TAKES_VALUE", takes_value)
+        monkeypatch.setattr(omit_module, "use_gqa_in_sdpa", answer)
+        out = omit_module.attend(q, k, v, q_to_kv, True, None, is_causal=True)
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert asked == [3, 2]
+
+
 def test_kv_group_granularity_keeps_whole_groups():
     tracker = tracker_with([10, 0, 0, 0, 3, 3, 3, 3], [float(c % 7) for c in range(CHANNELS)])
     assert select_heads(tracker, 0, 0.75).tolist() == [0, 4]

@@ -40,6 +40,7 @@ the device in one copy, so the forward and backward of a step never wait on the 
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -301,6 +302,17 @@ def _output(linear: nn.Module, a: Tensor, weight: Tensor | None, shard: TensorSh
     return out if linear.bias is None else out + linear.bias
 
 
+def _hf_uses_gqa(attention_mask: Tensor | None, key: Tensor, value: Tensor) -> bool:
+    """transformers' choice for its own SDPA attention (``use_gqa_in_sdpa``), which took (mask, key) before
+    it also took ``value`` (to refuse head dims above 256)."""
+    if _GQA_TAKES_VALUE:
+        return use_gqa_in_sdpa(attention_mask, key, value)
+    return use_gqa_in_sdpa(attention_mask, key)
+
+
+_GQA_TAKES_VALUE = len(inspect.signature(use_gqa_in_sdpa).parameters) >= 3
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, q_to_kv: Tensor | None, even_groups: bool,
            attention_mask: Tensor | None, **sdpa: Any) -> Tensor:
     """Scaled-dot-product attention of the kept query heads on the kept KV heads ([batch, heads, seq, dim]).
@@ -311,7 +323,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_to_kv: Tensor | None, even_groups:
     (``index_select``), whose backward scatters: on the ``small`` preset's kept heads that took 1.97-2.72 ms
     against 1.67-1.75 ms per layer forward + backward (docs/benchmark/step/gqa_probe/gqa_micro.txt).
     """
-    gqa = q_to_kv is not None and even_groups and use_gqa_in_sdpa(attention_mask, k, v)
+    gqa = q_to_kv is not None and even_groups and _hf_uses_gqa(attention_mask, k, v)
     if q_to_kv is not None and not gqa:
         k, v = k.index_select(1, q_to_kv), v.index_select(1, q_to_kv)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=gqa, **sdpa)
