@@ -96,6 +96,19 @@ def _build(shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[torc
     return model.to(device=device, dtype=dtype), data.to(device)
 
 
+def kept_width_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A dense model with half the query / KV heads and MLP channels of ``model`` (SDPA, seed 0): what SAT's
+    step at r = 0.5 would cost if slicing were free (docs/benchmark/step/small_probe/)."""
+    conf = copy.deepcopy(model.config)
+    conf.num_attention_heads //= 2
+    conf.num_key_value_heads //= 2
+    conf.intermediate_size //= 2
+    torch.manual_seed(0)
+    narrow = LlamaForCausalLM(conf)
+    narrow.config._attn_implementation = "sdpa"
+    return narrow
+
+
 def _selection(model: torch.nn.Module, rate: float, granularity: str):
     """Random kept units (the benchmark times the computation, not the scoring)."""
     if rate == 0:

@@ -27,3 +27,18 @@ def test_speedup_is_the_median_of_paired_rounds_and_the_flops_limit_is_the_selec
         assert v["flops_limit_speedup"] > 1.5
     line = step_bench.table({"shapes": {"tiny adam": {"tokens": 32, "policy": "adam", "rates": result["adam"]}}})
     assert "| tiny | 32 | adam | 0.5 |" in line.splitlines()[2]
+
+
+def test_kept_width_model_computes_what_sat_does_at_half_rate():
+    """The probes' kept-width model: per layer the widths SAT keeps at r = 0.5 (kv_group), hence the FLOPs
+    of SAT's step, which the benchmark's FLOPs limit divides into dense's."""
+    from ds_accel.flops import train_flops
+
+    model, _ = step_bench._build(step_bench.catalogue()["small"], torch.device("cpu"), torch.float32)
+    narrow = step_bench.kept_width_model(model)
+    keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
+    widths = step_bench._widths(model, model.config, keep_heads, keep_channels)
+    c = narrow.config
+    assert {(w.q_heads, w.kv_heads, w.channels) for w in widths} == {
+        (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)}
+    assert train_flops(c, 1024, 128) == train_flops(model.config, 1024, 128, widths)

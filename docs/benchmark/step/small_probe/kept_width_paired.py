@@ -7,13 +7,11 @@ optimizer has half the work).
 
     .venv/bin/python docs/benchmark/step/small_probe/kept_width_paired.py 150
 """
-import copy
 import statistics
 import sys
 import time
 
 import torch
-from transformers import LlamaForCausalLM
 
 import ds_accel.sat.omit  # noqa: F401  (the module; ds_accel.sat.omit as an attribute is the function)
 from ds_accel import runtime, step_bench
@@ -23,13 +21,7 @@ from ds_accel.engine.build import adamw
 omit_module = sys.modules["ds_accel.sat.omit"]
 runtime.keep_freed_memory()
 model, data = step_bench._build(step_bench.catalogue()["small"], torch.device("cpu"), torch.float32)
-conf = copy.deepcopy(model.config)
-conf.num_attention_heads //= 2
-conf.num_key_value_heads //= 2
-conf.intermediate_size //= 2
-torch.manual_seed(0)
-narrow = LlamaForCausalLM(conf)
-narrow.config._attn_implementation = "sdpa"
+narrow = step_bench.kept_width_model(model)
 optimizers = {"full": adamw(model, OptimConfig(lr=1e-4)), "narrow": adamw(narrow, OptimConfig(lr=1e-4))}
 keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
 selection = omit_module.ResolveCache()(model, keep_heads, keep_channels)

@@ -12,14 +12,12 @@ the SAT step and the kept-width model's (where SAT's extra time goes).
 
     .venv/bin/python docs/benchmark/step/small_probe/probe.py > docs/benchmark/step/small_probe/probe.txt  (torch.profiler prints USDT lines there too)
 """
-import copy
 import importlib
 import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlamaForCausalLM
 
 from ds_accel import runtime, step_bench
 from ds_accel.config import OptimConfig
@@ -31,13 +29,7 @@ omit_module = importlib.import_module("ds_accel.sat.omit")  # the module (ds_acc
 runtime.keep_freed_memory()
 torch.set_num_threads(runtime.usable_cores())
 model, data = step_bench._build(step_bench.catalogue()["small"], torch.device("cpu"), torch.float32)
-conf = copy.deepcopy(model.config)
-conf.num_attention_heads //= 2
-conf.num_key_value_heads //= 2
-conf.intermediate_size //= 2
-torch.manual_seed(0)
-narrow = LlamaForCausalLM(conf)
-narrow.config._attn_implementation = "sdpa"
+narrow = step_bench.kept_width_model(model)
 optimizers = {"full": adamw(model, OptimConfig(lr=1e-4)), "narrow": adamw(narrow, OptimConfig(lr=1e-4))}
 keep_heads, keep_channels = step_bench._selection(model, 0.5, "kv_group")
 
