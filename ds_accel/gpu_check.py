@@ -6,13 +6,16 @@ users take: NCCL, the launcher's environment, one process per GPU); (b) runs the
 the GPU in bf16 (``ds_accel.step_bench``, whose shapes include one Llama-2-7B decoder layer at 4,096
 tokens); (c) writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``: the device, the torch / CUDA /
 NCCL / DeepSpeed versions, every run's figures and their ratios to dense under the same ZeRO stage,
-all measured in this one invocation.
+all measured in this one invocation. First of all, in a second, it checks SAT's sliced step against a
+masked dense model on the GPU in float32 and bf16 (``ds_accel.sliced_check``: the loss and every gradient,
+both attention paths).
 
 Budget: about 10 minutes on one GPU, measured on one H200 (docs/benchmark/gpu/): a launch of 200 steps
 takes 53-68 s, of which the training steps 13-29 s and the rest start-up (imports, NCCL, engine,
 evaluation, checkpoint), so the eight runs take about 8 minutes; the step benchmark runs first, in
-about a minute (the two calls there took 8 minutes, 7 launches included). A run that fails is recorded (return code and the end of its log) and the others
-still run; the command exits non-zero when the machine has no CUDA, a run failed, or a run's
+about a minute (the two calls there took 8 minutes, 7 launches included). A run that fails is recorded
+(return code and the end of its log) and the others still run; the command exits non-zero when the
+machine has no CUDA, a run failed, the sliced step disagreed with the masked model, or a run's
 validation loss did not fall below its first logged loss.
 """
 
@@ -145,6 +148,9 @@ def failures(report: dict[str, Any]) -> list[str]:
            for method, run in runs.items() if run["status"] != "ok"]
     if report["step_bench"] and "error" in report["step_bench"]:
         bad.append(f"step benchmark: {report['step_bench']['error']}")
+    for check in report.get("sliced_check") or []:
+        if not check.get("passed"):
+            bad.append(f"sliced == masked ({check.get('dtype', '?')}): " + check.get("error", "outside tolerance"))
     return bad
 
 
@@ -181,10 +187,37 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {run['wall_s']:.1f}{_ratio(run, 'wall_vs_dense', '.2f')} | {run['tokens_per_s']:,.0f} "
                          f"| {run['peak_mem_mb']:.0f} | {run['launch_s']:.0f} |")
         lines.append("")
+    lines += _sliced_check_lines(report.get("sliced_check"))
     lines += _step_bench_lines(report["step_bench"])
     bad = failures(report)
     lines += ["", "Problems: " + "; ".join(bad) if bad else "All runs trained (validation loss below the first loss)."]
     return "\n".join(lines) + "\n"
+
+
+def _sliced_check_lines(checks: list[dict[str, Any]] | None) -> list[str]:
+    """gpu_check.md's section for ``ds_accel.sliced_check`` (largest relative errors against the masked model)."""
+    if not checks:
+        return []
+    lines = ["## SAT's sliced step against the masked dense model", "",
+             "| dtype | loss | largest gradient error (weight) | omitted gradients zero | attention paths | passed |",
+             "|---|---|---|---|---|---|"]
+    for c in checks:
+        if "error" in c:
+            lines.append(f"| {c.get('dtype', '?')} | failed: {c['error']} | | | | no |")
+            continue
+        lines.append(f"| {c['dtype']} | {c['loss']:.1e} | {c['gradient']:.1e} ({c['worst']}) | {c['omitted_zero']} "
+                     f"| {'SDPA GQA and KV copies' if c['paths'] else 'not both taken'} "
+                     f"| {'yes' if c['passed'] else 'no'} (tolerance {c['tolerance']:g}) |")
+    return lines + [""]
+
+
+def _sliced_check(device: str = "cuda") -> list[dict[str, Any]]:
+    from . import sliced_check
+
+    try:
+        return sliced_check.run(device)
+    except Exception as err:  # the report still carries the rest
+        return [{"error": f"{type(err).__name__}: {err}", "passed": False}]
 
 
 def _step_bench_lines(bench: dict[str, Any] | None) -> list[str]:
@@ -234,6 +267,8 @@ def cmd_gpu_check(args) -> int:
     except NeedsCuda as err:
         print(f"ds-accel: error: {err}", file=sys.stderr)
         return 1
+    print("== SAT's sliced step against the masked dense model (float32, bf16)", flush=True)
+    sliced = _sliced_check()
     step = None
     if args.step_bench:
         print("== SAT step benchmark (bf16)", flush=True)  # first: it needs no launcher, and is the headline figure
@@ -253,7 +288,7 @@ def cmd_gpu_check(args) -> int:
     report = {"environment": environment(),
               "settings": {"preset": first["model"]["preset"], "steps": args.steps, "gpus": gpus,
                            "tokens_per_step": o["micro_batch_size"] * gpus * first["data"]["seq_len"]},
-              "training": training, "step_bench": step}
+              "training": training, "step_bench": step, "sliced_check": sliced}
     json_path, md_path = write_report(report, Path(args.out))
     print("\n" + md_path.read_text())
     print(f"written: {json_path}, {md_path}")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ds_accel import gpu_check
+from ds_accel import gpu_check, sliced_check
 from ds_accel.cli import main
 
 ENV = {"device": "NVIDIA H100 80GB HBM3", "gpus": 1, "memory_gib": 79.1, "torch": "2.13.0+cu128", "cuda": "12.8",
@@ -44,7 +44,7 @@ def _report() -> dict:
                 "zero2_offload": {"dense": _run(4.0, 30.0, 1e13), "sat": _run(3.9, 24.0, 6e12)}}
     gpu_check.add_ratios(training)
     return {"environment": ENV, "settings": {"preset": "small", "steps": 300, "gpus": 1, "tokens_per_step": 1024},
-            "training": training, "step_bench": _step_bench()}
+            "training": training, "step_bench": _step_bench(), "sliced_check": sliced_check.run("cpu")}
 
 
 def test_refuses_a_machine_without_cuda(tmp_path, monkeypatch, capsys):
@@ -71,6 +71,8 @@ def test_report_writer_ratios_failures_and_step_bench(tmp_path):
     assert gpu_check.failures(report) == ["ZeRO-3 sat: failed", "ZeRO-3 vcycle+sat: loss did not fall"]
     assert "## ZeRO-2 offload" in md and "| sat | ok | 7.600 | 3.9000 (-2.50%) | 6.000e+12 (0.60) | 24.0 (0.80) |" in md
     assert "Problems: ZeRO-3 sat: failed; ZeRO-3 vcycle+sat: loss did not fall" in md
+    assert "| float32 | 0.0e+00 |" in md and "| SDPA GQA and KV copies | yes (tolerance 0.0001) |" in md
+    assert "| bfloat16 |" in md and "yes (tolerance 0.05) |" in md
 
 
 @pytest.mark.parametrize("stage,offload", [("3", False), ("2_offload", True)])
@@ -105,3 +107,25 @@ def test_bad_stage_or_method_is_refused_before_any_work(tmp_path, capsys, argv, 
         main(["gpu-check", "--out", str(tmp_path / "report"), "--runs", str(tmp_path / "runs"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "report").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sliced_check_passes_here_and_sees_a_different_function():
+    """ds_accel.sliced_check on the CPU: the sliced step is the masked model's to float32 rounding in float32
+    and bf16's in bf16, both attention paths taken; and it fails when the reference computes another function
+    (one more omitted channel zeroed in the reference than the sliced model omits), or when a check raises."""
+    for check in sliced_check.run("cpu"):
+        assert check["passed"] and check["paths"] and check["omitted_zero"], check
+    real = sliced_check._omitted
+
+    def one_more(kept, n, width=1):
+        return real(kept[1:] if width == 1 else kept, n, width)
+
+    sliced_check._omitted = one_more
+    try:
+        wrong = sliced_check.compare("cpu")
+    finally:
+        sliced_check._omitted = real
+    assert not wrong["passed"] and wrong["gradient"] > wrong["tolerance"], wrong
+    broken = gpu_check._sliced_check("no-such-device")
+    assert gpu_check.failures({"training": {}, "step_bench": None, "sliced_check": broken})[0].startswith(
+        "sliced == masked (?): RuntimeError")
