@@ -39,6 +39,20 @@ def usable_cores() -> int:
     return len(usable_core_ids())
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector instructions torch's kernels use ("... Processor, AVX512"): a
+    benchmark's figures, and float32 rounding, depend on both, and machines that look alike differ in them."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{name or platform.processor() or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def keep_freed_memory() -> bool:
     """Serve large CPU tensors from the heap and keep what is freed: the CPU analogue of CUDA's caching
     allocator. glibc maps every allocation above its mmap threshold (which adapts up to 32 MiB at most)

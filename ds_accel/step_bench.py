@@ -218,7 +218,7 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
     return {"rates": {r: {k: v[k] for k in ("measured_speedup", "flops_limit_speedup")}
                       for r, v in headline["rates"].items()},
             "shapes": per_shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu": runtime.cpu_description()}
 
 
 def table(result: dict) -> str:
@@ -279,8 +279,8 @@ def step_only(out: Path, quick: bool = False) -> dict:
         result["zero1_bookkeeping"] = [zero1_bookkeeping(out / "zero1", p) for p in POLICIES]
     (out / "sat_step.json").write_text(json.dumps(result, indent=1))
     lines = [f"SAT training step against dense on {result['device']} ({result['dtype']}, "
-             f"{result['threads']} threads): forward + backward + AdamW; speedup: median over interleaved rounds "
-             "of dense's time over SAT's in the same round.", "",
+             f"{result['threads']} threads; CPU: {result['cpu']}): forward + backward + AdamW; speedup: median "
+             "over interleaved rounds of dense's time over SAT's in the same round.", "",
              table(result)]
     for b in result.get("zero1_bookkeeping", []):
         lines += ["", f"ZeRO-1, 2 ranks, small preset, SAT rate 0.5, `{b['policy']}`: bookkeeping "

@@ -66,3 +66,13 @@ def test_a_pinned_process_sizes_its_threads_from_its_affinity():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.stdout.split()[-2:] == ["1", "1"]
+
+
+def test_cpu_description_names_the_model_and_torch_s_vector_instructions():
+    """The step benchmark records it: figures (and float32 rounding) differ between CPUs that look alike."""
+    import torch
+
+    from ds_accel import runtime
+
+    name, capability = runtime.cpu_description().rsplit(", ", 1)
+    assert name and capability == torch.backends.cpu.get_cpu_capability()
