@@ -11,6 +11,7 @@ the ``deepspeed`` launcher.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 
 import torch
@@ -48,8 +49,6 @@ def cpu_description() -> str:
             name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
     except OSError:
         pass
-    import platform
-
     return f"{name or platform.processor() or 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}"
 
 
