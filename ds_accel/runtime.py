@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -38,6 +40,18 @@ def usable_core_ids() -> list[int]:
 
 def usable_cores() -> int:
     return len(usable_core_ids())
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """float32 GEMMs and convolutions in float32 on CUDA (TF32 would round both sides of a float32 comparison
+    to 10 bits), the previous settings restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def cpu_description() -> str:

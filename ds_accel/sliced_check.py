@@ -15,12 +15,12 @@ bf16 to bf16's.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .runtime import no_tf32
 from .sat import omit
 
 HEADS, KV_HEADS, HEAD_DIM, CHANNELS, VOCAB, TOKENS = 8, 2, 32, 344, 512, 128
@@ -40,17 +40,6 @@ def _model(device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
 def _omitted(kept: list[int], n: int, width: int = 1) -> torch.Tensor:
     """The columns of the units not in ``kept`` (each unit ``width`` columns wide)."""
     return torch.tensor([u * width + j for u in range(n) if u not in kept for j in range(width)])
-
-
-@contextmanager
-def _no_tf32() -> Iterator[None]:
-    """float32 GEMMs and convolutions in float32 (TF32 would round both sides to 10 bits)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _relative(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -85,7 +74,7 @@ def compare(device: str | torch.device, dtype: torch.dtype = torch.float32) -> d
         calls.append(bool(kwargs.get("enable_gqa")))
         return sdpa(*args, **kwargs)
 
-    with _no_tf32():
+    with no_tf32():
         ref_loss = reference(input_ids=ids, labels=ids, use_cache=False).loss
         ref_loss.backward()
         torch.nn.functional.scaled_dot_product_attention = spy

@@ -76,3 +76,18 @@ def test_cpu_description_names_the_model_and_torch_s_vector_instructions():
 
     name, capability = runtime.cpu_description().rsplit(", ", 1)
     assert name and capability == torch.backends.cpu.get_cpu_capability()
+
+
+def test_no_tf32_turns_tf32_off_and_restores_what_was_set():
+    import torch
+
+    from ds_accel import runtime
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+        with runtime.no_tf32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -123,13 +123,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    from .. import runtime
     from . import _cpu, init_parallel
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     init_parallel(1)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shims": _cpu.install(),
-              "equivalence": _equivalence()}
+    with runtime.no_tf32():
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shims": _cpu.install(),
+                  "equivalence": _equivalence()}
     torch.backends.cuda.matmul.allow_tf32 = True
     result["training_tiny"] = {backend: _engine(backend, "tiny", 64, 4, 0.5, 6, 12) for backend in ("hf", "megatron")}
     result["timing_base_seq1024_batch8"] = {
