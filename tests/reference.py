@@ -323,7 +323,8 @@ def assert_within_float_error(err: dict[str, float], f32: dict[str, float]) -> N
     The largest error is one element's: where Adam amplifies gradient rounding most (|g| near eps), the same
     element in the run and in the twin (measured), so it is the size of one rounding draw there, and one draw
     of the twin bounds another's only loosely: a tp=2 run's largest error was 2.2 times the twin's on an
-    AVX-512 CPU, at the element where the twin's was largest, with the RMS at 1.6 times. A wrong step (a
+    AVX-512 CPU, at the element where the twin's was largest, with the RMS at 1.6 times
+    (docs/examples/float_tolerance_avx512.txt). A wrong step (a
     missed reduction, a frozen row that moved) is of order lr on whole rows: the RMS bounds here are 5e-5
     to 2e-3 lr (the ``adam`` and ``freeze`` references end 1.0 lr RMS apart, tests/test_reference_sat.py)."""
     assert err["weight_rms"] <= 2 * f32["weight_rms"], (err, f32)

@@ -132,7 +132,7 @@ def test_two_stages_train_like_one_process(tmp_path, tied):
     own deviation from it (tests/reference.py: assert_within_float_error). Two float32 runs of this training
     are not within a fixed tolerance of each other: at the default eps (1e-8) Adam amplifies the rounding of
     gradients near |g| = eps (the untied float32 reference lands 0.40 lr from float64 at one element), and
-    where such an element falls is up to the CPU's kernels."""
+    where such an element falls is up to the CPU's kernels (docs/examples/float_tolerance_avx512.txt)."""
     from reference import assert_within_float_error, deviation
 
     (losses0, layout0, state0), (losses1, layout1, state1) = run_ranks(_pp2, 2, tied, str(tmp_path))
