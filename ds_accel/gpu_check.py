@@ -199,16 +199,25 @@ def _sliced_check_lines(checks: list[dict[str, Any]] | None) -> list[str]:
     if not checks:
         return []
     lines = ["## SAT's sliced step against the masked dense model", "",
-             "| dtype | loss | largest gradient error (weight) | omitted gradients zero | attention paths | passed |",
-             "|---|---|---|---|---|---|"]
+             "| dtype | loss | largest gradient error (weight) | omitted gradients zero | attention paths "
+             "| host syncs, dense / sliced | passed |",
+             "|---|---|---|---|---|---|---|"]
     for c in checks:
         if "error" in c:
-            lines.append(f"| {c.get('dtype', '?')} | failed: {c['error']} | | | | no |")
+            lines.append(f"| {c.get('dtype', '?')} | failed: {c['error']} | | | | | no |")
             continue
         lines.append(f"| {c['dtype']} | {c['loss']:.1e} | {c['gradient']:.1e} ({c['worst']}) | {c['omitted_zero']} "
                      f"| {'SDPA GQA and KV copies' if c['paths'] else 'not both taken'} "
+                     f"| {_syncs(c.get('syncs'))} "
                      f"| {'yes' if c['passed'] else 'no'} (tolerance {c['tolerance']:g}) |")
     return lines + [""]
+
+
+def _syncs(syncs: dict[str, int | None] | None) -> str:
+    """'dense / sliced' host synchronisations, or 'n/a' where none were counted (off CUDA)."""
+    if not syncs or syncs.get("sliced") is None:
+        return "n/a"
+    return f"{syncs['dense']} / {syncs['sliced']}"
 
 
 def _sliced_check(device: str = "cuda") -> list[dict[str, Any]]:

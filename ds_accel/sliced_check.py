@@ -9,13 +9,16 @@ the omitted channels' down_proj columns set to zero: it computes the same functi
 and gives every kept weight the same gradient. Two layers cover both attention paths: layer 0 keeps
 query heads that share their KV heads evenly (SDPA's ``enable_gqa``), layer 1 an uneven set (per-head KV
 copies); both keep half the MLP channels. In float32 (TF32 off) the two agree to float32 rounding; in
-bf16 to bf16's.
+bf16 to bf16's. On CUDA it also counts the host synchronisations of both forward + backward passes (the
+sliced one includes entering ``omit``): slicing must add none, since a wait per layer would leave the GPU
+idle while Python issues the next layer.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,10 +50,27 @@ def _relative(x: torch.Tensor, reference: torch.Tensor) -> float:
     return ((x - reference).norm() / reference.norm().clamp(min=1e-30)).item()
 
 
+def host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """How many times ``fn`` made the host wait for the device (CUDA's sync debug mode warns at each
+    synchronising call: ``.item()``, ``nonzero``, a copy to the host); None off CUDA, which has no such mode."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def compare(device: str | torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """{"loss", "gradient" (largest relative error over the weights), "worst" (its weight), "omitted_zero"
     (every omitted column got exactly zero gradient), "paths" (layer 0 took SDPA's GQA, layer 1 the KV
-    copies), "passed"}."""
+    copies), "syncs" ({"dense", "sliced"}: :func:`host_syncs` of each forward + backward), "passed"}."""
     device = torch.device(device)
     model = _model(device, dtype)
     draw = {i: torch.randperm(CHANNELS, generator=torch.Generator().manual_seed(i)) for i in KEEP_HEADS}
@@ -74,16 +94,25 @@ def compare(device: str | torch.device, dtype: torch.dtype = torch.float32) -> d
         calls.append(bool(kwargs.get("enable_gqa")))
         return sdpa(*args, **kwargs)
 
+    losses: dict[str, torch.Tensor] = {}
+
+    def dense() -> None:
+        losses["dense"] = reference(input_ids=ids, labels=ids, use_cache=False).loss
+        losses["dense"].backward()
+
+    def sliced() -> None:
+        with omit(model, keep_heads, keep_channels):
+            losses["sliced"] = model(input_ids=ids, labels=ids, use_cache=False).loss
+            losses["sliced"].backward()
+
     with no_tf32():
-        ref_loss = reference(input_ids=ids, labels=ids, use_cache=False).loss
-        ref_loss.backward()
+        syncs = {"dense": host_syncs(dense, device)}
         torch.nn.functional.scaled_dot_product_attention = spy
         try:
-            with omit(model, keep_heads, keep_channels):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+            syncs["sliced"] = host_syncs(sliced, device)
         finally:
             torch.nn.functional.scaled_dot_product_attention = sdpa
+    loss, ref_loss = losses["sliced"], losses["dense"]
     ref_params = dict(reference.named_parameters())
     worst, gradient, omitted_zero = "", 0.0, True
     for name, p in model.named_parameters():
@@ -99,8 +128,9 @@ def compare(device: str | torch.device, dtype: torch.dtype = torch.float32) -> d
     tolerance = TOLERANCE[dtype]
     return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "loss": loss_error,
             "gradient": gradient, "worst": worst, "omitted_zero": omitted_zero, "paths": calls == [True, False],
-            "tolerance": tolerance,
-            "passed": loss_error <= tolerance and gradient <= tolerance and omitted_zero and calls == [True, False]}
+            "syncs": syncs, "tolerance": tolerance,
+            "passed": (loss_error <= tolerance and gradient <= tolerance and omitted_zero and calls == [True, False]
+                       and (syncs["sliced"] is None or syncs["sliced"] <= syncs["dense"]))}
 
 
 def run(device: str | torch.device) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 ratios are the ones computed from the runs it is given (a result dict shaped like the real one)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_report_writer_ratios_failures_and_step_bench(tmp_path):
     assert gpu_check.failures(report) == ["ZeRO-3 sat: failed", "ZeRO-3 vcycle+sat: loss did not fall"]
     assert "## ZeRO-2 offload" in md and "| sat | ok | 7.600 | 3.9000 (-2.50%) | 6.000e+12 (0.60) | 24.0 (0.80) |" in md
     assert "Problems: ZeRO-3 sat: failed; ZeRO-3 vcycle+sat: loss did not fall" in md
-    assert "| float32 | 0.0e+00 |" in md and "| SDPA GQA and KV copies | yes (tolerance 0.0001) |" in md
+    assert "| float32 | 0.0e+00 |" in md and "| SDPA GQA and KV copies | n/a | yes (tolerance 0.0001) |" in md
     assert "| bfloat16 |" in md and "yes (tolerance 0.05) |" in md
 
 
@@ -129,3 +130,27 @@ def test_sliced_check_passes_here_and_sees_a_different_function():
     broken = gpu_check._sliced_check("no-such-device")
     assert gpu_check.failures({"training": {}, "step_bench": None, "sliced_check": broken})[0].startswith(
         "sliced == masked (?): RuntimeError")
+
+
+def test_host_syncs_counts_cuda_sync_warnings(monkeypatch):
+    """sliced_check.host_syncs: off CUDA it only runs the function (None); on CUDA it counts the warnings of
+    torch's sync debug mode, switched on for the call and off after it, also when the function raises.
+    CUDA's side is imitated here (set_sync_debug_mode and synchronize are recorded, the warnings issued by
+    hand, worded as torch words them)."""
+    ran = []
+    assert sliced_check.host_syncs(lambda: ran.append(1), torch.device("cpu")) is None and ran == [1]
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def two_waits():
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+        warnings.warn("called a synchronizing CUDA operation")
+
+    assert sliced_check.host_syncs(two_waits, torch.device("cuda")) == 2 and modes == ["warn", "default"]
+    with pytest.raises(ZeroDivisionError):
+        sliced_check.host_syncs(lambda: 1 / 0, torch.device("cuda"))
+    assert modes[-1] == "default"
+    assert gpu_check._syncs({"dense": 3, "sliced": 3}) == "3 / 3" and gpu_check._syncs({"dense": None,
+                                                                                        "sliced": None}) == "n/a"
