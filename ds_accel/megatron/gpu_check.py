@@ -4,8 +4,9 @@
 the shims stay off; ``gpt_from_hf`` logits against HF Llama in fp32 (TF32 off); SAT's sliced step
 (loss and gradients) against SAT on the HF model; a DeepSpeed ZeRO-1 bf16 engine of each backend with
 SAT (``MegatronSATController`` / ``SATController``) for a few steps from the same seeded weights and
-tokens; and the step time of both backends, dense and SAT at rate 0.5, on the ``base`` preset. It
-prints and writes one JSON object.
+tokens; the step time of both backends, dense and SAT at rate 0.5, on the ``base`` preset; and the host
+synchronisations of one whole step of each engine (4 layers in ``tiny``, 12 in ``base``). It prints and
+writes one JSON object.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def _engine(backend: str, preset: str, seq: int, micro: int, rate: float, steps:
     from .. import runtime
     from ..config import from_dict
     from ..engine.build import free_engine, make_engine, new_model, resolve_ds_config
-    from ..engine.sat import SATController
+    from ..engine.sat import HF_LLAMA, SATController
     from ..models import llama_config
-    from .engine import MegatronSATController
+    from ..sliced_check import host_syncs
+    from .engine import MEGATRON
     from .engine import new_model as new_megatron_model
 
     root = Path(__file__).resolve().parents[2]
@@ -94,16 +96,14 @@ def _engine(backend: str, preset: str, seq: int, micro: int, rate: float, steps:
     conf = llama_config(preset, 2000)
     model = new_megatron_model(conf, cfg, 0) if backend == "megatron" else new_model(conf, ds, 0)
     engine = make_engine(model, cfg, ds)
-    controller = MegatronSATController if backend == "megatron" else SATController
-    sat = controller(cfg.sat, engine.module, total, 0) if rate > 0 else None
+    family = MEGATRON if backend == "megatron" else HF_LLAMA
+    sat = SATController(cfg.sat, engine.module, total, 0, family=family) if rate > 0 else None
     if sat is not None:
         sat.attach(engine.optimizer)
     gen = torch.Generator().manual_seed(3)
     losses, times = [], []
-    for step in range(steps):
-        x = torch.randint(0, conf.vocab_size, (micro, seq), generator=gen).to(runtime.device())
-        _sync()
-        start = time.perf_counter()
+
+    def step_fn(step: int, x: torch.Tensor) -> torch.Tensor:
         if sat is not None:
             sat.begin_step(step)
         with sat.omitting() if sat is not None else torch.enable_grad():
@@ -112,11 +112,23 @@ def _engine(backend: str, preset: str, seq: int, micro: int, rate: float, steps:
             engine.step()
         if sat is not None:
             sat.end_step()
+        return loss
+
+    for step in range(steps):
+        x = torch.randint(0, conf.vocab_size, (micro, seq), generator=gen).to(runtime.device())
+        _sync()
+        start = time.perf_counter()
+        loss = step_fn(step, x)
         _sync()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+    # one more step, counting the times the host waits for the device (dense and SAT alike); a count that
+    # grew with the layers would mean a wait per layer
+    x = torch.randint(0, conf.vocab_size, (micro, seq), generator=gen).to(runtime.device())
+    syncs = host_syncs(lambda: step_fn(steps, x), torch.device(runtime.device()))
     free_engine(engine)
-    return {"losses": losses, "step_s": sum(times[steps // 2:]) / (steps - steps // 2)}
+    return {"losses": losses, "step_s": sum(times[steps // 2:]) / (steps - steps // 2), "layers": conf.num_hidden_layers,
+            "host_syncs_per_step": syncs}
 
 
 def main() -> None:
@@ -132,9 +144,11 @@ def main() -> None:
                   "equivalence": _equivalence()}
     torch.backends.cuda.matmul.allow_tf32 = True
     result["training_tiny"] = {backend: _engine(backend, "tiny", 64, 4, 0.5, 6, 12) for backend in ("hf", "megatron")}
-    result["timing_base_seq1024_batch8"] = {
-        f"{backend}_rate{rate}": _engine(backend, "base", 1024, 8, rate, 10, 40)["step_s"]
-        for backend in ("hf", "megatron") for rate in (0.0, 0.5)}
+    base = {f"{backend}_rate{rate}": _engine(backend, "base", 1024, 8, rate, 10, 40)
+            for backend in ("hf", "megatron") for rate in (0.0, 0.5)}
+    result["timing_base_seq1024_batch8"] = {name: run["step_s"] for name, run in base.items()}
+    result["host_syncs_per_step"] = {f"{preset}_{name}": run["host_syncs_per_step"] for preset, runs in
+                                     (("tiny", result["training_tiny"]), ("base", base)) for name, run in runs.items()}
     text = json.dumps(result, indent=1)
     print(text)
     args.out.write_text(text)
