@@ -88,3 +88,25 @@ def test_megatron_backend_refuses_what_cannot_work_naming_the_field(tmp_path):
                          "data": {"seq_len": 32, "max_chars": 120_000, "vocab_size": 510}})
         with pytest.raises(ConfigError, match=message):
             check_config(cfg, resolve_ds_config(cfg, 1))
+
+
+def _gpu_check_engines():
+    from ds_accel.megatron import gpu_check, init_parallel
+
+    init_parallel(1)
+    return {backend: gpu_check._engine(backend, "tiny", 64, 4, 0.5, 3, 12) for backend in ("hf", "megatron")}
+
+
+@pytest.mark.distributed
+def test_megatron_gpu_check_engines_run_here():
+    """The engine part of ``python -m ds_accel.megatron.gpu_check`` on one CPU rank (the rest needs CUDA): both
+    backends build a bf16 ZeRO-1 engine with SAT from the same seeded weights and train, so the check cannot
+    go stale between GPU sessions unnoticed (it once imported a class that had been replaced). The first
+    losses are equal (same weights and tokens), the next within bf16 rounding; host syncs are counted on
+    CUDA only."""
+    runs = run_ranks(_gpu_check_engines, 1)[0]
+    hf, megatron = runs["hf"], runs["megatron"]
+    assert hf["losses"][0] == pytest.approx(megatron["losses"][0], rel=1e-6)
+    assert hf["losses"] == pytest.approx(megatron["losses"], rel=1e-3)
+    assert hf["layers"] == megatron["layers"] == 4
+    assert hf["host_syncs_per_step"] is None and megatron["host_syncs_per_step"] is None

@@ -1,12 +1,13 @@
 #!/bin/bash
 # One lent GPU call, from the repository root of a copy of the working tree on the device machine (no
-# network there): `bash docs/benchmark/gpu/lease.sh`, with .gpu/whl holding wheels of what its image lacks
-# (deepspeed 0.19.8 built here with DS_BUILD_OPS=0, datasets, hjson, pydantic, pydantic_core, annotated-types,
-# typing-inspection, dill, multiprocess, megatron-core) and .gpu/cache a copy of ~/.cache/ds_accel (the KJV,
-# its tokenizers and packed tokens). PARTS (default "check megatron") picks what runs, in order: check (gpu-check's report
-# and log under $OUT), megatron (the Megatron check's JSON and log), offload (gpu-check under ZeRO-2 with
-# and without offload, in $OUT/offload); $OUT/machine.txt has the versions and each part's exit code. Each part has its own time limit, so one that hangs leaves the others
-# their time.
+# network there): `bash docs/benchmark/gpu/lease.sh`, with .gpu/whl holding wheels of what its image
+# lacks (deepspeed 0.19.8 built here with DS_BUILD_OPS=0, datasets, hjson, pydantic, pydantic_core,
+# annotated-types, typing-inspection, dill, multiprocess, megatron-core) and .gpu/cache a copy of
+# ~/.cache/ds_accel (the KJV, its tokenizers and packed tokens). PARTS (default "check megatron") picks
+# what runs, in order: check (gpu-check's report and log under $OUT), megatron (the Megatron check's
+# JSON and log), offload (gpu-check under ZeRO-2 with and without offload, in $OUT/offload).
+# $OUT/machine.txt has the versions and each part's exit code. Each part has its own time limit, so
+# one that hangs leaves the others their time.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD DS_ACCEL_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1
 {
