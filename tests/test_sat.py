@@ -427,6 +427,30 @@ def test_unseen_units_are_selected_first():
     assert set(second.tolist()) >= set(omitted(first, CHANNELS).tolist())
 
 
+
+def test_scores_reach_the_host_in_one_copy(monkeypatch):
+    """engine.sat._on_host: the tracker's scores and seen-marks, every kind, arrive on the host in one
+    ``.cpu()`` (each one a wait for the device on a GPU), with their values and dtypes, and selection
+    from the host copy equals selection from the tracker."""
+    from ds_accel.engine.sat import _on_host
+
+    tracker = ImportanceTracker([0, 1], HEADS, KV_HEADS, CHANNELS, HEAD_DIM)
+    first = select_topk(tracker.channel_scores(0), 0.5)
+    tracker.record_channels(0, torch.rand(1, 3, first.numel()), kept=first)
+    tracker.record_heads(1, torch.rand(1, 3, HEADS * HEAD_DIM))
+    tracker.update()
+    copies, real = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real(t, *a, **k))
+    host = _on_host(tracker)
+    assert len(copies) == 1
+    for kind in tracker.score:
+        assert host.score[kind].dtype == tracker.score[kind].dtype and torch.equal(host.score[kind],
+                                                                                   tracker.score[kind])
+        assert host.seen[kind].dtype == tracker.seen[kind].dtype and torch.equal(host.seen[kind], tracker.seen[kind])
+    assert tracker.seen["channels"].any() and not tracker.seen["channels"].all()  # a partly seen case
+    for ours, theirs in zip(select(host, 0.5), select(tracker, 0.5)):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[i], theirs[i]) for i in ours)
+
 def test_lors_ladder():
     lors = LORS(total_steps=100, omission_rate=0.5, stage1_fraction=0.5, rungs=4)
     rates = [lors.rate(s) for s in range(100)]

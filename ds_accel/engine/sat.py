@@ -141,10 +141,15 @@ def gather_tp_scores(tracker: ImportanceTracker, tp: TensorParallel) -> None:
 
 def _on_host(tracker: ImportanceTracker) -> ImportanceTracker:
     """A copy of the tracker whose scores live on the host: selection then reads them without a host
-    synchronisation per layer (one copy of each score tensor per step)."""
+    synchronisation per layer. All of them travel in one copy, so the step waits for the device once
+    here (one copy per tensor waited four times on an H200: docs/benchmark/gpu/probe/sync_sites.json)."""
+    kinds = list(tracker.score)
+    parts = [tracker.score[k] for k in kinds] + [tracker.seen[k] for k in kinds]
+    flat = torch.cat([part.reshape(-1) for part in parts]).cpu()  # dtype promotion keeps every value exact
+    values = iter(flat.split([part.numel() for part in parts]))
     host = copy.copy(tracker)
-    host.score = {kind: s.cpu() for kind, s in tracker.score.items()}
-    host.seen = {kind: s.cpu() for kind, s in tracker.seen.items()}
+    host.score = {k: next(values).view_as(tracker.score[k]).to(tracker.score[k].dtype) for k in kinds}
+    host.seen = {k: next(values).view_as(tracker.seen[k]).to(tracker.seen[k].dtype) for k in kinds}
     return host
 
 
