@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import platform
 import socket
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -52,6 +54,24 @@ def no_tf32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """How many times ``fn`` made the host wait for the device (CUDA's sync debug mode warns at each
+    synchronising call: ``.item()``, ``nonzero``, a copy to the host); None off CUDA, which has no such
+    mode. A wait per layer would leave the GPU idle while Python issues the next layer."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def cpu_description() -> str:

@@ -17,13 +17,12 @@ idle while Python issues the next layer.
 from __future__ import annotations
 
 import copy
-import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .runtime import no_tf32
+from .runtime import host_syncs, no_tf32
 from .sat import omit
 
 HEADS, KV_HEADS, HEAD_DIM, CHANNELS, VOCAB, TOKENS = 8, 2, 32, 344, 512, 128
@@ -50,27 +49,11 @@ def _relative(x: torch.Tensor, reference: torch.Tensor) -> float:
     return ((x - reference).norm() / reference.norm().clamp(min=1e-30)).item()
 
 
-def host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """How many times ``fn`` made the host wait for the device (CUDA's sync debug mode warns at each
-    synchronising call: ``.item()``, ``nonzero``, a copy to the host); None off CUDA, which has no such mode."""
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def compare(device: str | torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """{"loss", "gradient" (largest relative error over the weights), "worst" (its weight), "omitted_zero"
     (every omitted column got exactly zero gradient), "paths" (layer 0 took SDPA's GQA, layer 1 the KV
-    copies), "syncs" ({"dense", "sliced"}: :func:`host_syncs` of each forward + backward), "passed"}."""
+    copies), "syncs" ({"dense", "sliced"}: :func:`ds_accel.runtime.host_syncs` of each forward + backward),
+    "passed"}."""
     device = torch.device(device)
     model = _model(device, dtype)
     draw = {i: torch.randperm(CHANNELS, generator=torch.Generator().manual_seed(i)) for i in KEEP_HEADS}

@@ -3,6 +3,9 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+
+import pytest
 
 # In a fresh process, 16 "steps" that each make four large tensors (64, 86, 32 and 64 MiB, as a step's
 # activations and gradients) and free them; per step: minor page faults (pages the kernel hands out
@@ -91,3 +94,29 @@ def test_no_tf32_turns_tf32_off_and_restores_what_was_set():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_host_syncs_counts_cuda_sync_warnings(monkeypatch):
+    """runtime.host_syncs: off CUDA it only runs the function (None); on CUDA it counts the warnings of
+    torch's sync debug mode, switched on for the call and off after it, also when the function raises.
+    CUDA's side is imitated here (set_sync_debug_mode and synchronize are recorded, the warnings issued by
+    hand, worded as torch words them)."""
+    import torch
+
+    from ds_accel import runtime
+
+    ran = []
+    assert runtime.host_syncs(lambda: ran.append(1), torch.device("cpu")) is None and ran == [1]
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def two_waits():
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+        warnings.warn("called a synchronizing CUDA operation")
+
+    assert runtime.host_syncs(two_waits, torch.device("cuda")) == 2 and modes == ["warn", "default"]
+    with pytest.raises(ZeroDivisionError):
+        runtime.host_syncs(lambda: 1 / 0, torch.device("cuda"))
+    assert modes[-1] == "default"

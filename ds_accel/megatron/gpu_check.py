@@ -3,7 +3,7 @@
 ``python -m ds_accel.megatron.gpu_check --out result.json`` checks, on CUDA (NCCL, no CPU shims):
 the shims stay off; ``gpt_from_hf`` logits against HF Llama in fp32 (TF32 off); SAT's sliced step
 (loss and gradients) against SAT on the HF model; a DeepSpeed ZeRO-1 bf16 engine of each backend with
-SAT (``MegatronSATController`` / ``SATController``) for a few steps from the same seeded weights and
+SAT (``SATController`` with the Megatron or the HF model family) for a few steps from the same seeded weights and
 tokens; the step time of both backends, dense and SAT at rate 0.5, on the ``base`` preset; and the host
 synchronisations of one whole step of each engine (4 layers in ``tiny``, 12 in ``base``). It prints and
 writes one JSON object.
@@ -81,7 +81,6 @@ def _engine(backend: str, preset: str, seq: int, micro: int, rate: float, steps:
     from ..engine.build import free_engine, make_engine, new_model, resolve_ds_config
     from ..engine.sat import HF_LLAMA, SATController
     from ..models import llama_config
-    from ..sliced_check import host_syncs
     from .engine import MEGATRON
     from .engine import new_model as new_megatron_model
 
@@ -125,10 +124,10 @@ def _engine(backend: str, preset: str, seq: int, micro: int, rate: float, steps:
     # one more step, counting the times the host waits for the device (dense and SAT alike); a count that
     # grew with the layers would mean a wait per layer
     x = torch.randint(0, conf.vocab_size, (micro, seq), generator=gen).to(runtime.device())
-    syncs = host_syncs(lambda: step_fn(steps, x), torch.device(runtime.device()))
+    syncs = runtime.host_syncs(lambda: step_fn(steps, x), torch.device(runtime.device()))
     free_engine(engine)
-    return {"losses": losses, "step_s": sum(times[steps // 2:]) / (steps - steps // 2), "layers": conf.num_hidden_layers,
-            "host_syncs_per_step": syncs}
+    return {"losses": losses, "step_s": sum(times[steps // 2:]) / (steps - steps // 2),
+            "layers": conf.num_hidden_layers, "host_syncs_per_step": syncs}
 
 
 def main() -> None:

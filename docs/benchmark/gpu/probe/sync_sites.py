@@ -3,7 +3,9 @@ step (``ds_accel.megatron.gpu_check._engine``, ``base`` preset, seq 1024, batch 
 sync-debug warnings attributed to the innermost ds_accel / DeepSpeed / transformers / torch.optim frames
 that issued it. Prints one JSON object: {run: {"syncs": n, "sites": {call chain: count}}}.
 
-Run on a CUDA machine from the repository root (docs/benchmark/gpu/lease.sh's environment).
+Run on a CUDA machine from the repository root (docs/benchmark/gpu/lease.sh's environment). Calls 3 and 4
+of 2026-11-28 ran it when the counter lived in ``ds_accel.sliced_check`` (it patched that); it is
+``ds_accel.runtime.host_syncs`` since.
 """
 
 import collections
@@ -13,7 +15,7 @@ import warnings
 
 import torch
 
-from ds_accel import sliced_check
+from ds_accel import runtime
 from ds_accel.megatron import gpu_check, init_parallel
 
 KEEP = ("/ds_accel/", "/deepspeed/", "/transformers/", "/torch/optim/")
@@ -43,7 +45,7 @@ def main() -> None:
                     torch.cuda.set_sync_debug_mode("default")
             return sum(sites.values())
 
-        sliced_check.host_syncs = recording
+        runtime.host_syncs = recording
         run = gpu_check._engine(backend, "base", 1024, 8, rate, 3, 40)
         result[f"{backend}_rate{rate}"] = {"syncs": run["host_syncs_per_step"], "sites": dict(sites.most_common())}
     print(json.dumps(result, indent=1))
