@@ -1,8 +1,9 @@
 #!/bin/bash
 # One lent GPU call, from the repository root of a copy of the working tree on the device machine (no
-# network there): `bash docs/benchmark/gpu/lease.sh`, with .gpu/whl holding wheels of what its image
-# lacks (deepspeed 0.19.8 built here with DS_BUILD_OPS=0, datasets, hjson, pydantic, pydantic_core,
-# annotated-types, typing-inspection, dill, multiprocess, megatron-core) and .gpu/cache a copy of
+# network there): `bash docs/benchmark/gpu/lease.sh`, with .gpu/ filled here first by prepare_lease.sh
+# (beside this file): .gpu/whl holds wheels of what the machine's image lacks (deepspeed built with
+# DS_BUILD_OPS=0, datasets, hjson, pydantic, pydantic_core, annotated-types, typing-inspection, dill,
+# multiprocess, megatron-core), .gpu/cache a copy of
 # ~/.cache/ds_accel (the KJV, its tokenizers and packed tokens). PARTS (default "check megatron") picks
 # what runs, in order: check (gpu-check's report and log under $OUT), megatron (the Megatron check's
 # JSON and log), offload (gpu-check under ZeRO-2 with and without offload, in $OUT/offload).
