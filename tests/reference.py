@@ -182,9 +182,11 @@ class HandSAT:
     Importance (``activation``): per head the mean over tokens of the L2 norm of its o_proj input, per
     MLP channel the mean over tokens of |down_proj input|, averaged over the step's forwards; the score is
     the first statistic as is, then decay * score + (1 - decay) * statistic; an omitted unit's score is
-    multiplied by decay. Selection: per layer the ceil((1 - rate) n) highest scores (units never computed
-    first), ties to the lower index, within each of ``shards`` equal blocks (tensor parallel "balanced");
-    ``kv_group`` granularity ranks whole GQA groups by their heads' summed scores.
+    multiplied by decay. Nothing is recorded or decayed at rate 0: rates never rise, so those scores would
+    never be read (a rate-0 step is a plain dense step). Selection: per layer the ceil((1 - rate) n)
+    highest scores (units never computed first), ties to the lower index, within each of ``shards`` equal
+    blocks (tensor parallel "balanced"); ``kv_group`` granularity ranks whole GQA groups by their heads'
+    summed scores.
     """
 
     def __init__(self, conf: LlamaConfig, sat, total_steps: int, shards: int = 1, dtype: torch.dtype = torch.float64):
@@ -284,11 +286,12 @@ def sat_reference(conf: LlamaConfig, seed: int, sat, optim, steps: list[list[tor
     for t, (micro_batches, lr) in enumerate(zip(steps, lrs)):
         rate = hand.rate(t)
         keep = hand.select(rate) if selections is None else selections[t]
-        hooks = hand.recording(ref.model, *keep)
+        hooks = hand.recording(ref.model, *keep) if rate > 0 else []
         losses.append(ref.step(micro_batches, lr, *keep, freeze=sat.optimizer_policy == "freeze"))
         for hook in hooks:
             hook.remove()
-        hand.update()
+        if rate > 0:
+            hand.update()
         rates.append(rate)
         chosen.append(keep)
         if t + 1 in checkpoints:

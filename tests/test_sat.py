@@ -736,6 +736,46 @@ def test_controller_counts_selections_that_change_the_kept_set():
     assert (sat.selections, sat.selection_changes) == (3, 2)
 
 
+
+def test_controller_is_dense_once_the_rate_reaches_zero(monkeypatch):
+    """LORS's rates never rise, so from the first rate-0 step no later selection reads importance: the
+    controller selects every unit once (a change from the sparse set), then averages, selects and records
+    nothing, and its step is the plain dense step: the model runs HF's own forward, loss and gradients
+    bit for bit those of the model outside the controller."""
+    from ds_accel.config import SATConfig
+    from ds_accel.engine.sat import SATController
+
+    cfg = SATConfig(enabled=True, omission_rate=0.5, stage1_fraction=0.5, rungs=2)
+    model = tiny_model()
+    sat = SATController(cfg, model, total_steps=8, seed=0)
+    averaged = []
+    real_average = SATController._average_scores
+    monkeypatch.setattr(SATController, "_average_scores", lambda self: averaged.append(1) or real_average(self))
+    rates, scores, counts = [], [], []
+    for step in range(8):
+        rates.append(sat.begin_step(step))
+        counts.append((sat.selections, sat.selection_changes, len(averaged)))
+        with sat.omitting():
+            swapped = any("forward" in vars(m) for layer in model.model.layers for m in (layer.self_attn, layer.mlp))
+            loss = model(**batch(seed=step)).loss
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        sat.end_step()
+        scores.append(sat.tracker.flat().clone())
+        if rates[-1] == 0:
+            assert not swapped and not (sat.keep_heads or sat.keep_channels)
+            plain = model(**batch(seed=step)).loss
+            plain.backward()
+            assert torch.equal(plain, loss) and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+            model.zero_grad(set_to_none=True)
+        else:
+            assert swapped
+    assert rates == [0.5] * 6 + [0.0] * 2
+    assert counts[6] == (7, counts[5][1] + 1, 6) and counts[7] == counts[6]  # one selection of everything
+    assert torch.equal(scores[5], scores[6]) and torch.equal(scores[6], scores[7])  # nothing recorded
+    assert not torch.equal(scores[4], scores[5])
+
 def _same_selection(a: dict, b: dict) -> bool:
     if a.keys() != b.keys():
         return False

@@ -235,7 +235,9 @@ class SATController:
         """Choose this step's heads and channels; returns the omission rate."""
         start = time.perf_counter()
         rate = self.lors.rate(step)
-        if step % self.cfg.reselect_every == 0 or rate != self.rate:
+        if rate == 0.0:
+            self._dense(rate)
+        elif step % self.cfg.reselect_every == 0 or rate != self.rate:
             if self.tp is not None:
                 gather_tp_scores(self.tracker, self.tp)
             self._average_scores()
@@ -254,6 +256,17 @@ class SATController:
         self.bookkeeping_s += time.perf_counter() - start
         return rate
 
+    def _dense(self, rate: float) -> None:
+        """A rate-0 step. LORS's rates never rise, so no later selection will read importance: no scores are
+        averaged, selected from or recorded from here on (:meth:`omitting`, :meth:`end_step`), and the step
+        costs what a dense one does. Entering it from a sparse step is one more selection, of every unit."""
+        if self.keep_heads or self.keep_channels or self.rate != rate:
+            resolutions = self._resolve.resolutions
+            self.keep_heads, self.keep_channels = {}, {}
+            self.selection = self._resolve(self.layers, {}, {}, self._shard)
+            self.selections += 1
+            self.selection_changes += self._resolve.resolutions - resolutions
+
     def _frozen(self, selection: Any) -> list[FrozenFragment]:
         """The guard's fragments for this step. The omitted slices and their plans are kept with the resolved
         selection (the same object while the kept units stay; a family that resolves nothing ahead, None,
@@ -270,8 +283,10 @@ class SATController:
             self.tracker.set_flat(flat / dist.get_world_size(self.dp_group))
 
     def omitting(self):
-        """Context for every forward + backward of the step: sliced layers, importance recorded in the same pass."""
-        return self.family.omit(self.layers, self.keep_heads, self.keep_channels, self.tracker, self._shard,
+        """Context for every forward + backward of the step: sliced layers, importance recorded in the same pass
+        (none at rate 0, see :meth:`_dense`)."""
+        tracker = self.tracker if self.rate > 0 else None
+        return self.family.omit(self.layers, self.keep_heads, self.keep_channels, tracker, self._shard,
                                 self.emit_every, not self.zero3, self.selection, self.micro_batches)
 
     def omitted(self) -> list[OmittedSlice]:
@@ -281,7 +296,8 @@ class SATController:
 
     def end_step(self) -> None:
         start = time.perf_counter()
-        self.tracker.update()
+        if self.rate > 0:
+            self.tracker.update()
         if self.guard is not None:
             self.guard.disarm()
             self.bookkeeping_s += self.guard.seconds
