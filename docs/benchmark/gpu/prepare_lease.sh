@@ -7,7 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=.venv/bin/python
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/cache
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 wheels=()
