@@ -427,7 +427,6 @@ def test_unseen_units_are_selected_first():
     assert set(second.tolist()) >= set(omitted(first, CHANNELS).tolist())
 
 
-
 def test_scores_reach_the_host_in_one_copy(monkeypatch):
     """engine.sat._on_host: the tracker's scores and seen-marks, every kind, arrive on the host in one
     ``.cpu()`` (each one a wait for the device on a GPU), with their values and dtypes, and selection
@@ -450,6 +449,7 @@ def test_scores_reach_the_host_in_one_copy(monkeypatch):
     assert tracker.seen["channels"].any() and not tracker.seen["channels"].all()  # a partly seen case
     for ours, theirs in zip(select(host, 0.5), select(tracker, 0.5)):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[i], theirs[i]) for i in ours)
+
 
 def test_lors_ladder():
     lors = LORS(total_steps=100, omission_rate=0.5, stage1_fraction=0.5, rungs=4)
@@ -736,7 +736,6 @@ def test_controller_counts_selections_that_change_the_kept_set():
     assert (sat.selections, sat.selection_changes) == (3, 2)
 
 
-
 def test_controller_is_dense_once_the_rate_reaches_zero(monkeypatch):
     """LORS's rates never rise, so from the first rate-0 step no later selection reads importance: the
     controller selects every unit once (a change from the sparse set), then averages, selects and records
@@ -775,6 +774,7 @@ def test_controller_is_dense_once_the_rate_reaches_zero(monkeypatch):
     assert counts[6] == (7, counts[5][1] + 1, 6) and counts[7] == counts[6]  # one selection of everything
     assert torch.equal(scores[5], scores[6]) and torch.equal(scores[6], scores[7])  # nothing recorded
     assert not torch.equal(scores[4], scores[5])
+
 
 def _same_selection(a: dict, b: dict) -> bool:
     if a.keys() != b.keys():
