@@ -6,9 +6,12 @@ every clock read), in interleaved rounds: dense and every (policy, rate) take tu
 the median over rounds of dense's time over SAT's in the same round, so drift in machine load hits
 both sides of each ratio alike. Each SAT step does what the trainer does per
 step: resolve the selection (``ResolveCache``: again only when it changed, and each (policy, rate) keeps
-its own, as its own run would), one ``omit`` context (weight slices gathered once), the optimizer step with
-the policy's guard (``freeze``, its omitted slices and their plans kept with the resolution) or none
-(``adam``). Beside each measured speedup stands the FLOPs limit of the very selection used (dense FLOPs
+its own, as its own run would), one ``omit`` context (weight slices gathered once) that records the kept
+units' importance in the same forward, the importance update, the optimizer step with the policy's
+guard (``freeze``, its omitted slices and their plans kept with the resolution) or none (``adam``). The
+selection itself stays fixed (random kept units), so that each rate's FLOPs are known; choosing it is
+host work the ZeRO-1 bookkeeping share measures. Runs before 2026-11-28 05:30 UTC did not record
+importance in the SAT step: theirs is the sliced step alone. Beside each measured speedup stands the FLOPs limit of the very selection used (dense FLOPs
 over the FLOPs the kept heads and channels compute).
 
 Shapes: the ``small`` preset as a whole model (its LM head dilutes the saving), and one Llama-2-7B
@@ -110,7 +113,7 @@ def kept_width_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def _selection(model: torch.nn.Module, rate: float, granularity: str):
-    """Random kept units (the benchmark times the computation, not the scoring)."""
+    """Random kept units (fixed, so that the FLOPs are known; the SAT step still records importance)."""
     if rate == 0:
         return {}, {}
     tracker = ImportanceTracker.for_model(model, metric="random", seed=1, device="cpu")
@@ -147,6 +150,7 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
     guard = OmittedStateGuard(optimizer)
     selections = {r: _selection(model, r, granularity) for r in [0.0, *rates]}
     resolved = {(r, p): ResolveCache() for r in [0.0, *rates] for p in ("dense", *policies)}  # one per "run"
+    trackers = {(r, p): ImportanceTracker.for_model(model) for r in rates for p in policies}  # a dense run has none
     omitted: dict[float, tuple] = {}  # freeze: per rate, (resolution, its omitted slices, their fragment plans)
 
     def step(rate: float, policy: str) -> float:
@@ -154,9 +158,12 @@ def bench_shape(shape: Shape, rates: list[float], reps: int, device: torch.devic
         start = time.perf_counter()
         keep_heads, keep_channels = selections[rate]
         selection = resolved[rate, policy](model, keep_heads, keep_channels)
-        with omit(model, keep_heads, keep_channels, selection=selection):
+        tracker = trackers.get((rate, policy))
+        with omit(model, keep_heads, keep_channels, tracker, selection=selection):
             loss = model(input_ids=data, labels=data, use_cache=False).loss if shape.whole_model else model(data)
             loss.backward()
+        if tracker is not None:
+            tracker.update()
         if policy == "freeze" and rate > 0:
             if omitted.get(rate, (None,))[0] is not selection:  # kept with the resolution, as the trainer does
                 omitted[rate] = (selection, omitted_slices(model, keep_heads, keep_channels, selection=selection), {})

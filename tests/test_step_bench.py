@@ -29,6 +29,23 @@ def test_speedup_is_the_median_of_paired_rounds_and_the_flops_limit_is_the_selec
     assert "| tiny | 32 | adam | 0.5 |" in line.splitlines()[2]
 
 
+
+def test_sat_step_records_importance_as_the_trainer_does(monkeypatch):
+    """Every SAT step records its kept units' importance in the same forward and updates the scores, as the
+    trainer's step does; the dense step, a run without SAT, records nothing."""
+    conf = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=2, vocab_size=64, max_position_embeddings=32)
+    calls, updates = [], []
+    real_omit, real_update = step_bench.omit, step_bench.ImportanceTracker.update
+    monkeypatch.setattr(step_bench, "omit", lambda model, heads, channels, tracker=None, **kw: calls.append(
+        (bool(heads or channels), tracker)) or real_omit(model, heads, channels, tracker, **kw))
+    monkeypatch.setattr(step_bench.ImportanceTracker, "update", lambda self: updates.append(self) or real_update(self))
+    step_bench.bench_shape(step_bench.Shape("tiny", conf, 2, 16, True), [0.5], 2, torch.device("cpu"), torch.float32)
+    sparse = [tracker for is_sparse, tracker in calls if is_sparse]
+    assert sparse and all(t is not None for t in sparse) and len(updates) == len(sparse)
+    assert all(tracker is None for is_sparse, tracker in calls if not is_sparse)
+    assert all(bool(t.seen["channels"].any()) for t in updates)
+
 def test_kept_width_model_computes_what_sat_does_at_half_rate():
     """The probes' kept-width model: per layer the widths SAT keeps at r = 0.5 (kv_group), hence the FLOPs
     of SAT's step, which the benchmark's FLOPs limit divides into dense's."""
