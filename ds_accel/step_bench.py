@@ -1,18 +1,18 @@
 """SAT training-step micro-benchmark: dense vs sliced steps at several omission rates, per optimizer policy.
 
-A step is forward + backward + AdamW (the trainer's: fused, norms not decayed), on the device the
-run has (CPU here, keeping freed memory as a training process does; CUDA with a synchronize before
-every clock read), in interleaved rounds: dense and every (policy, rate) take turns, and a speedup is
-the median over rounds of dense's time over SAT's in the same round, so drift in machine load hits
-both sides of each ratio alike. Each SAT step does what the trainer does per
-step: resolve the selection (``ResolveCache``: again only when it changed, and each (policy, rate) keeps
-its own, as its own run would), one ``omit`` context (weight slices gathered once) that records the kept
-units' importance in the same forward, the importance update, the optimizer step with the policy's
-guard (``freeze``, its omitted slices and their plans kept with the resolution) or none (``adam``). The
-selection itself stays fixed (random kept units), so that each rate's FLOPs are known; choosing it is
-host work the ZeRO-1 bookkeeping share measures. Runs before 2026-11-28 05:30 UTC did not record
-importance in the SAT step: theirs is the sliced step alone. Beside each measured speedup stands the FLOPs limit of the very selection used (dense FLOPs
-over the FLOPs the kept heads and channels compute).
+A step is forward + backward + AdamW (the trainer's: fused, norms not decayed), on the device the run
+has (CPU here, keeping freed memory as a training process does; CUDA with a synchronize before every
+clock read), in interleaved rounds: dense and every (policy, rate) take turns, and a speedup is the
+median over rounds of dense's time over SAT's in the same round, so drift in machine load hits both
+sides of each ratio alike. Each SAT step does what the trainer does per step: resolve the selection
+(``ResolveCache``: again only when it changed, and each (policy, rate) keeps its own, as its own run
+would), one ``omit`` context (weight slices gathered once) that records the kept units' importance in
+the same forward, the importance update, the optimizer step with the policy's guard (``freeze``, its
+omitted slices and their plans kept with the resolution) or none (``adam``). The selection itself stays
+fixed (random kept units), so that each rate's FLOPs are known; choosing it is host work the ZeRO-1
+bookkeeping share measures. Runs before commit fddc317 (2026-11-28) did not record importance in the SAT
+step: theirs is the sliced step alone (``sat_records_importance`` marks the runs since). Beside each measured speedup stands the FLOPs limit of the very
+selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
 
 Shapes: the ``small`` preset as a whole model (its LM head dilutes the saving), and one Llama-2-7B
 decoder layer (the paper's setting without that dilution) at 1,024, 2,048 and (on a GPU) 4,096 tokens
@@ -225,7 +225,8 @@ def run(device: str | torch.device | None = None, dtype: torch.dtype = torch.flo
     return {"rates": {r: {k: v[k] for k in ("measured_speedup", "flops_limit_speedup")}
                       for r, v in headline["rates"].items()},
             "shapes": per_shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "cpu": runtime.cpu_description()}
+            "threads": torch.get_num_threads(), "cpu": runtime.cpu_description(),
+            "sat_records_importance": True}
 
 
 def table(result: dict) -> str:
@@ -286,7 +287,8 @@ def step_only(out: Path, quick: bool = False) -> dict:
         result["zero1_bookkeeping"] = [zero1_bookkeeping(out / "zero1", p) for p in POLICIES]
     (out / "sat_step.json").write_text(json.dumps(result, indent=1))
     lines = [f"SAT training step against dense on {result['device']} ({result['dtype']}, "
-             f"{result['threads']} threads; CPU: {result['cpu']}): forward + backward + AdamW; speedup: median "
+             f"{result['threads']} threads; CPU: {result['cpu']}): forward + backward + AdamW, SAT's step "
+             "recording importance as the trainer's does; speedup: median "
              "over interleaved rounds of dense's time over SAT's in the same round.", "",
              table(result)]
     for b in result.get("zero1_bookkeeping", []):

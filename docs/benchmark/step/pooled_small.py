@@ -2,7 +2,9 @@
 kept its rounds: each round's dense time over SAT's, the median over all rounds, and a bootstrap 95%
 interval of that median (2,000 resamples, seed 0). The runs are at different commits (SAT's code changed
 between them by a few percent at most) and in different phases of the machine; the pooled median says what
-one run of 15 rounds cannot: where the speed sits against the 1.6x target.
+one run of 15 rounds cannot: where the speed sits against the 1.6x target. Only runs of the sliced step
+alone are pooled: from commit fddc317 on, SAT's step also records importance, as the trainer's does
+(``sat_records_importance`` in the JSON; run_0519utc, the first, started before that field existed).
 
     .venv/bin/python docs/benchmark/step/pooled_small.py > docs/benchmark/step/pooled_small.txt
 """
@@ -12,9 +14,14 @@ import statistics
 from pathlib import Path
 
 here = Path(__file__).parent
+RECORDING = {"run_0519utc"}  # recorded importance before the JSON said so
 pooled, limits = [], set()
 for path in sorted(here.glob("run_*/sat_step.json")) + [here / "sat_step.json"]:
-    rate = json.loads(path.read_text())["shapes"]["small adam"]["rates"]["0.5"]
+    run = json.loads(path.read_text())
+    if run.get("sat_records_importance") or path.parent.name in RECORDING:
+        print(f"{path.relative_to(here)}: SAT's step records importance, left out")
+        continue
+    rate = run["shapes"]["small adam"]["rates"]["0.5"]
     if "dense_ms_rounds" not in rate:
         print(f"{path.relative_to(here)}: no rounds kept (older format), left out")
         continue
