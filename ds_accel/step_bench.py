@@ -11,8 +11,9 @@ the same forward, the importance update, the optimizer step with the policy's gu
 omitted slices and their plans kept with the resolution) or none (``adam``). The selection itself stays
 fixed (random kept units), so that each rate's FLOPs are known; choosing it is host work the ZeRO-1
 bookkeeping share measures. Runs before commit fddc317 (2026-11-28) did not record importance in the SAT
-step: theirs is the sliced step alone (``sat_records_importance`` marks the runs since). Beside each measured speedup stands the FLOPs limit of the very
-selection used (dense FLOPs over the FLOPs the kept heads and channels compute).
+step: theirs is the sliced step alone (``sat_records_importance`` marks the runs since). Beside each
+measured speedup stands the FLOPs limit of the very selection used (dense FLOPs over the FLOPs the kept
+heads and channels compute).
 
 Shapes: the ``small`` preset as a whole model (its LM head dilutes the saving), and one Llama-2-7B
 decoder layer (the paper's setting without that dilution) at 1,024, 2,048 and (on a GPU) 4,096 tokens

@@ -3,10 +3,10 @@
 ``python -m ds_accel.megatron.gpu_check --out result.json`` checks, on CUDA (NCCL, no CPU shims):
 the shims stay off; ``gpt_from_hf`` logits against HF Llama in fp32 (TF32 off); SAT's sliced step
 (loss and gradients) against SAT on the HF model; a DeepSpeed ZeRO-1 bf16 engine of each backend with
-SAT (``SATController`` with the Megatron or the HF model family) for a few steps from the same seeded weights and
-tokens; the step time of both backends, dense and SAT at rate 0.5, on the ``base`` preset; and the host
-synchronisations of one whole step of each engine (4 layers in ``tiny``, 12 in ``base``). It prints and
-writes one JSON object.
+SAT (``SATController`` with the Megatron or the HF model family) for a few steps from the same seeded
+weights and tokens; the step time of both backends, dense and SAT at rate 0.5, on the ``base`` preset;
+and the host synchronisations of one whole step of each engine (4 layers in ``tiny``, 12 in ``base``).
+It prints and writes one JSON object.
 """
 
 from __future__ import annotations

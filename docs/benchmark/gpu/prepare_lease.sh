@@ -2,8 +2,9 @@
 # Here, before a GPU call: fill .gpu/ with what docs/benchmark/gpu/lease.sh carries to the device machine,
 # which has no network and whose image lacks DeepSpeed, datasets, megatron-core and a few of their needs
 # (its torch, transformers, pyarrow and huggingface_hub are used as they are, so those versions may differ
-# from the CPU tests'). The carried ones are this .venv's versions. Then: the device tool's run with carry [".gpu"] and the
-# command `bash docs/benchmark/gpu/lease.sh` (about 3 minutes for the default parts on an H200).
+# from the CPU tests'). The carried ones are this .venv's versions. Then: the device tool's run with
+# carry [".gpu"] and the command `bash docs/benchmark/gpu/lease.sh` (about 3 minutes for the default
+# parts on an H200).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=.venv/bin/python
