@@ -7,7 +7,7 @@ import torch
 
 from ds_accel.config import ConfigError, from_dict
 from ds_accel.sat import ImportanceTracker, omit, select
-from ds_accel.sat.importance import wanda, weight_norm
+from ds_accel.sat.importance import channel_magnitude, wanda, weight_norm
 from ds_accel.sat.selection import sample_keys, top_rows
 from test_sat import KEEP_CHANNELS, KEEP_HEADS, batch, rows, tiny_model
 
@@ -74,6 +74,15 @@ def test_activation_metric_is_the_mean_activation_magnitude():
     tracker = recorded("activation")
     assert torch.allclose(tracker.head_scores(0), torch.tensor([math.sqrt(2), (2 + 4) / 2]))
     assert torch.allclose(tracker.channel_scores(0), torch.tensor([1.0, 2.0, 1.5]))
+
+
+def test_channel_statistic_of_bf16_activations_is_reduced_in_float32():
+    # the mean over 3 x 700 tokens of |a_c|; a bf16 result would be off by up to 2**-9 relative
+    a = torch.randn(3, 700, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    stat = channel_magnitude(a)
+    expected = a.double().abs().reshape(-1, 5).mean(0)
+    assert stat.dtype == torch.float32
+    assert torch.allclose(stat.double(), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("metric", ["weight", "wanda"])
