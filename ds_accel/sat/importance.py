@@ -48,14 +48,14 @@ def head_magnitude(o_input: Tensor, head_dim: int) -> Tensor:
 def channel_magnitude(a: Tensor) -> Tensor:
     """Per-channel statistic of one forward: mean over tokens of |a_c|.
 
-    ``a`` is the down_proj input, shape (..., channels). ``abs`` then a sum over the token rows, not
-    ``vector_norm(ord=1)`` over the leading dims: on the 2-core CPU that reduction took 1.9x as long at the
-    ``small`` preset's kept channels and 3.3x at a Llama-2-7B layer's (13.0 against 3.9 ms at 1,024 tokens;
-    docs/benchmark/step/small_probe/recording_probe.txt), in every SAT step. ``abs`` is exact in any dtype;
-    the sum is taken in float32.
+    ``a`` is the down_proj input, shape (..., channels). ``abs`` then a mean over the token rows, not
+    ``vector_norm(ord=1)`` over the leading dims: on the 2-core CPU that reduction took about 2x as long at
+    the ``small`` preset's kept channels and 3x at a Llama-2-7B layer's
+    (docs/benchmark/step/small_probe/recording_probe.txt), in every SAT step; it is two operations, as
+    before (one launch more would cost a GPU step that waits on the host). ``abs`` is exact in any dtype;
+    the mean is taken in float32.
     """
-    rows = a.flatten(0, -2)
-    return rows.abs().sum(0, dtype=_wide(a)) / rows.shape[0]
+    return a.flatten(0, -2).abs().mean(0, dtype=_wide(a))
 
 
 def weight_norm(weight: Tensor, unit_size: int) -> Tensor:

@@ -3,7 +3,7 @@ channel statistic's reduction cost? Two parts:
 
 1. The MLP channel statistic (mean over tokens of |a_c|) alone, the reduction ``channel_magnitude`` used
    until stop 29 (``vector_norm(ord=1)`` over the leading dims) against the one it uses now (``abs`` then a
-   sum over the token rows), interleaved, at the ``small`` preset's kept channels (8 x 128 tokens, 344
+   mean over the token rows), interleaved, at the ``small`` preset's kept channels (8 x 128 tokens, 344
    channels) and at a Llama-2-7B layer's (1,024 tokens, 5,504 channels).
 2. Whole steps, paired: dense; the model built at the kept width (``step_bench.kept_width_model``: what a
    free slicing would reach); SAT's sliced step alone; SAT's step recording importance with each of the two
@@ -43,7 +43,7 @@ def quartiles(values: list[float]) -> str:
 
 print(f"{runtime.cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 print("\nThe channel statistic alone, 30 interleaved calls each (median ms)")
-print("| activation | vector_norm(ord=1) | abs + sum | ratio | largest relative difference |\n|---|---|---|---|---|")
+print("| activation | vector_norm(ord=1) | abs + mean | ratio | largest relative difference |\n|---|---|---|---|---|")
 for shape in [(8, 128, 344), (1, 1024, 5504)]:
     a = torch.randn(*shape)
     times: dict[str, list[float]] = {"old": [], "new": []}
