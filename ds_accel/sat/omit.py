@@ -486,7 +486,9 @@ def slice_directly(device: torch.device, micro_batches: int, forwards: int, reco
     weights against 0.57 ms for the gather-once function's ``index_copy_`` (the kept indices are unique, so
     the two agree), and the whole step was 1.02-1.05x faster with the latter; on the launch-bound ``small``
     preset (176K-element weights) the function's host time made the step 0.88x as fast
-    (docs/benchmark/gpu/probe/). The CPU has no atomics to avoid and pays the Python function everywhere.
+    (docs/benchmark/gpu/probe/). The CPU has no atomics to avoid and pays the Python function everywhere: on
+    a 7B layer the two ways' whole steps tied there (paired medians 1.005 and 0.996 at r = 0.25 and 0.5,
+    docs/benchmark/step/scatter_probe/scatter_probe.txt).
     """
     large_on_gpu = device.type != "cpu" and weight_numel >= GATHER_ONCE_ON_GPU_NUMEL
     return micro_batches == forwards == 1 and not recomputed and not large_on_gpu
