@@ -131,7 +131,6 @@ def test_sliced_check_passes_here_and_sees_a_different_function():
         "sliced == masked (?): RuntimeError")
 
 
-
 def test_sliced_check_reports_host_syncs():
     """gpu_check.md's "host syncs" cell: dense / sliced where counted (CUDA), n/a elsewhere."""
     assert gpu_check._syncs({"dense": 3, "sliced": 3}) == "3 / 3"

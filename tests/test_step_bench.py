@@ -29,7 +29,6 @@ def test_speedup_is_the_median_of_paired_rounds_and_the_flops_limit_is_the_selec
     assert "| tiny | 32 | adam | 0.5 |" in line.splitlines()[2]
 
 
-
 def test_sat_step_records_importance_as_the_trainer_does(monkeypatch):
     """Every SAT step records its kept units' importance in the same forward and updates the scores, as the
     trainer's step does; the dense step, a run without SAT, records nothing."""
@@ -45,6 +44,7 @@ def test_sat_step_records_importance_as_the_trainer_does(monkeypatch):
     assert sparse and all(t is not None for t in sparse) and len(updates) == len(sparse)
     assert all(tracker is None for is_sparse, tracker in calls if not is_sparse)
     assert all(bool(t.seen["channels"].any()) for t in updates)
+
 
 def test_kept_width_model_computes_what_sat_does_at_half_rate():
     """The probes' kept-width model: per layer the widths SAT keeps at r = 0.5 (kv_group), hence the FLOPs
